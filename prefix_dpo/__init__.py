@@ -1,0 +1,1 @@
+"""prefix-dpo: DPO and preference training in JAX/Flax with prefix sharing."""
