@@ -26,6 +26,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
 class ModelConfig:
   """Architecture and numerics of the decoder."""
   vocab_size: int = 512
+  # Pad the embed/lm_head vocab dimension to a multiple (e.g. 128, so it
+  # shards evenly). Padded ids are never scored: unembedding() drops them.
+  vocab_multiple: int = 1
   hidden_size: int = 64
   num_layers: int = 2
   num_heads: int = 4
@@ -55,6 +58,8 @@ class ModelConfig:
                        f'model.num_kv_heads={self.num_kv_heads}')
     if self.head_dim % 2:
       raise ValueError(f'model.head_dim={self.head_dim} must be even for RoPE')
+    if self.vocab_multiple < 1:
+      raise ValueError(f'model.vocab_multiple={self.vocab_multiple} must be >= 1')
     if self.attention_impl not in attention_lib.IMPLS:
       raise ValueError(f'model.attention_impl={self.attention_impl!r}; '
                        f'expected one of {attention_lib.IMPLS}')
@@ -66,6 +71,11 @@ class ModelConfig:
     if unknown:
       raise ValueError(f'unknown model config keys {unknown}; known: {sorted(known)}')
     return cls(**values)
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Rows of ``embed`` (columns of ``lm_head``): vocab_size rounded up."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
   def num_params(self) -> int:
     d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -211,12 +221,13 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     pd = DTYPES[cfg.param_dtype]
     self.cfg = cfg
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'),
+    self.embed = _param(rngs, (cfg.padded_vocab_size, cfg.hidden_size), ('vocab', 'embed'),
                         pd, fan_in=1)
     self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, pd, rngs)
     if not cfg.tie_embeddings:
-      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), pd)
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.padded_vocab_size),
+                            ('embed', 'vocab'), pd)
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array,
                segment_ids: jax.Array, branch_ids: jax.Array) -> jax.Array:
@@ -240,10 +251,16 @@ class Decoder(nnx.Module):
     return self.final_norm(x)
 
   def unembedding(self) -> jax.Array:
-    """The ``[hidden, vocab]`` matrix mapping hidden states to logits."""
-    if self.cfg.tie_embeddings:
-      return self.embed[...].T
-    return self.lm_head[...]
+    """The ``[hidden, vocab_size]`` matrix mapping hidden states to logits.
+
+    Vocab padding columns are sliced off, so softmax and log-probs run over the
+    real vocabulary only (exactly as without padding).
+    """
+    cfg = self.cfg
+    weights = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    if cfg.padded_vocab_size != cfg.vocab_size:
+      weights = weights[:, :cfg.vocab_size]
+    return weights
 
   def logits(self, input_ids, positions, segment_ids, branch_ids) -> jax.Array:
     """``[batch, seq, vocab]`` float32 logits (for tests and small inputs)."""
