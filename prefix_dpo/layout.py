@@ -205,3 +205,18 @@ def _write(batch: dict[str, np.ndarray], seq: _Sequence, row: int, start: int,
 def count_tokens(batch: dict[str, np.ndarray]) -> int:
   """Real (non-padding) tokens in a batch."""
   return int((batch['segment_ids'] > 0).sum())
+
+
+def offset_slots(batch: dict[str, np.ndarray], *, row_offset: int,
+                 example_offset: int) -> dict[str, np.ndarray]:
+  """Renumbers a process's local batch into the global batch's rows and slots.
+
+  Each process lays out its own rows; once they are concatenated across
+  processes, row and slot indices must point into the global arrays.
+  """
+  n = batch['response_mask'].shape[1]
+  out = dict(batch)
+  out['target_slot'] = np.where(batch['target_slot'] >= 0,
+                                batch['target_slot'] + example_offset * n, -1).astype(np.int32)
+  out['response_row'] = (batch['response_row'] + row_offset).astype(np.int32)
+  return out
