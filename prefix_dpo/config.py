@@ -65,6 +65,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f'reference.mode={c.reference.mode!r}; expected one of {reference.MODES}')
   check(c.optimizer.schedule in optim.SCHEDULES,
         f'optimizer.schedule={c.optimizer.schedule!r}; expected one of {optim.SCHEDULES}')
+  losses.validate(c.loss)
   check(c.seq_len > 0 and c.batch.rows > 0 and c.batch.max_examples > 0,
         'seq_len, batch.rows and batch.max_examples must be positive')
   check(c.num_responses >= 2, 'num_responses must be >= 2 (preferences compare responses)')
