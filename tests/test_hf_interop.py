@@ -3,6 +3,7 @@
 Every checkpoint here is made locally: a randomly initialised ``transformers``
 model (weights, biases and norm scales all random) saved to a temp dir.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -417,3 +418,31 @@ def test_export_refuses_an_architecture_that_cannot_hold_the_model(tmp_path):
   model = model_lib.Decoder(model_lib.ModelConfig(qk_norm=True), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="try architecture='Qwen3ForCausalLM'"):
     hf_export.export_hf(model, str(tmp_path), architecture='LlamaForCausalLM')
+
+
+# -- the export CLI on a training checkpoint -------------------------------------------
+
+def test_export_cli_from_a_training_checkpoint(llama_hf, tmp_path):
+  from prefix_dpo import checkpoint, config as config_lib, export
+  source = str(tmp_path / 'source')
+  llama_hf.save_pretrained(source)
+  _tiny_tokenizer(source)
+  model = hf_interop.load_pretrained(source, vocab_multiple=128)
+  # A checkpoint as the trainer writes it: the state's params and the run's config.
+  c = config_lib.base_config()
+  for field in dataclasses.fields(model.cfg):
+    c.model[field.name] = getattr(model.cfg, field.name)
+  c.model.hf_path = source
+  workdir = str(tmp_path / 'workdir')
+  saver = checkpoint.Checkpointer(workdir, asynchronous=False)
+  saver.save(7, {'params': nnx.to_pure_dict(nnx.state(model)), 'step': 7}, {}, c)
+  saver.wait()
+  saver.close()
+  out = str(tmp_path / 'exported')
+  assert export.main(['--workdir', workdir, '--out', out, '--dtype', 'float32']) == 0
+  assert {'tokenizer.json', 'generation_config.json'} <= set(os.listdir(out))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      out, dtype=torch.float32, attn_implementation='eager').eval()
+  seqs, _ = packed_row()
+  for seq in seqs:
+    assert np.abs(hf_logits(reloaded, seq) - hf_logits(llama_hf, seq)).max() <= TOL
