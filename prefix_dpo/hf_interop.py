@@ -44,7 +44,7 @@ import logging
 import math
 import os
 import struct
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -351,10 +351,6 @@ def abstract_decoder(cfg: model_lib.ModelConfig) -> tuple[nnx.GraphDef, nnx.Stat
   return nnx.split(nnx.eval_shape(lambda: model_lib.Decoder(cfg, rngs=nnx.Rngs(0))))
 
 
-def iter_params(state: nnx.State) -> Iterator[tuple[tuple[Any, ...], nnx.Variable]]:
-  yield from nnx.to_flat_state(state)
-
-
 def load_pretrained(path: str, cfg: model_lib.ModelConfig | None = None, *,
                     mesh: Mesh | None = None, **overrides: Any) -> model_lib.Decoder:
   """A Decoder with the weights of a local Hugging Face model directory.
@@ -388,7 +384,7 @@ def load_pretrained(path: str, cfg: model_lib.ModelConfig | None = None, *,
   param_dtype = np.dtype(model_lib.DTYPES[cfg.param_dtype])
   graphdef, state = abstract_decoder(cfg)
   flat = []
-  for key, variable in iter_params(state):
+  for key, variable in nnx.to_flat_state(state):
     name, kind = sources[key]
     shape = tuple(variable.shape)
     expected = hf_shape(kind, shape, cfg.vocab_size)

@@ -366,11 +366,13 @@ def test_read_slice_is_a_slice_of_the_full_parameter(kind, shape, vocab):
 # -- export of a model trained here --------------------------------------------------
 
 def _randomized_decoder(cfg: model_lib.ModelConfig, seed: int) -> model_lib.Decoder:
-  model = model_lib.Decoder(cfg, rngs=nnx.Rngs(seed))
+  """A Decoder with all parameters random (built from numpy: no per-shape compiles)."""
   rng = np.random.default_rng(seed)
-  for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    p[...] = p[...] + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype)
-  return model
+  graphdef, state = hf_interop.abstract_decoder(cfg)
+  flat = [(key, v.replace(jnp.asarray(('norm' in str(key)) + 0.1 * rng.standard_normal(v.shape),
+                                      v.dtype)))
+          for key, v in nnx.to_flat_state(state)]
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _tiny_tokenizer(path: str):
@@ -415,7 +417,8 @@ def test_export_of_a_native_model_with_tokenizer_bf16_and_shards(tmp_path):
 
 
 def test_export_refuses_an_architecture_that_cannot_hold_the_model(tmp_path):
-  model = model_lib.Decoder(model_lib.ModelConfig(qk_norm=True), rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: model_lib.Decoder(model_lib.ModelConfig(qk_norm=True),
+                                                   rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="try architecture='Qwen3ForCausalLM'"):
     hf_export.export_hf(model, str(tmp_path), architecture='LlamaForCausalLM')
 
