@@ -35,7 +35,8 @@ _OURS = ('architectures', 'model_type', 'vocab_size', 'hidden_size', 'intermedia
          'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim',
          'hidden_act', 'rms_norm_eps', 'rope_theta', 'rope_scaling', 'rope_parameters',
          'tie_word_embeddings', 'attention_bias', 'mlp_bias', 'torch_dtype', 'dtype',
-         'transformers_version', '_name_or_path')
+         'sliding_window', 'use_sliding_window', 'layer_types', 'transformers_version',
+         '_name_or_path')
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
@@ -86,6 +87,11 @@ def hf_config(cfg: model_lib.ModelConfig, arch: str, dtype: str,
     out['attention_bias'] = False
   if arch == 'LlamaForCausalLM':
     out['mlp_bias'] = False
+  # Our attention is full: no sliding window (transformers' Mistral default is 4096).
+  if arch != 'LlamaForCausalLM':
+    out['sliding_window'] = None
+  if arch in ('Qwen2ForCausalLM', 'Qwen3ForCausalLM'):
+    out['use_sliding_window'] = False
   return dict(sorted(out.items()))
 
 
@@ -175,9 +181,10 @@ def export_hf(model: model_lib.Decoder, out_dir: str, *, tokenizer_dir: str | No
   np_dtype = np.dtype(model_lib.DTYPES[dtype])
   sources = hf_interop.param_sources(cfg)
   variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  # HF order: embeddings, layers, final norm, head.
-  keys = sorted(sources, key=lambda k: (k[0] != 'embed', k[0] == 'final_norm',
-                                        k[0] == 'lm_head', str(k)))
+  # HF order: embeddings, layers by number, final norm, head.
+  groups = {'embed': 0, 'layers': 1, 'final_norm': 2, 'lm_head': 3}
+  keys = sorted(sources, key=lambda k: (groups[k[0]], k[1] if k[0] == 'layers' else 0,
+                                        sources[k][0]))
   names = [sources[k][0] for k in keys]
   shapes = [hf_interop.hf_shape(sources[k][1], tuple(variables[k].shape), cfg.vocab_size)
             for k in keys]

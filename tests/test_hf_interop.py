@@ -161,6 +161,7 @@ def test_export_round_trip(ckpt, tmp_path):
   config = json.load(open(os.path.join(out, 'config.json')))
   assert config['architectures'] == ckpt.hf.config.architectures
   assert config['vocab_size'] == VOCAB  # padding dropped
+  assert config.get('sliding_window') is None  # our attention is full
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
       out, dtype=torch.float32, attn_implementation='eager').eval()
   ours = np.asarray(_logits(ckpt.ours, {k: jnp.asarray(v) for k, v in ckpt.row.items()}))
