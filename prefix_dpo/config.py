@@ -48,10 +48,22 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+  """The ModelConfig of a run: from ``model.hf_path``'s config.json when set
+  (only runtime fields such as dtypes come from ``c.model``), else ``c.model``."""
   values = {k: v for k, v in c.model.to_dict().items() if k != 'hf_path'}
   if not values['vocab_size']:
     values['vocab_size'] = vocab_size
-  return model_lib.ModelConfig.from_dict(values)
+  cfg = model_lib.ModelConfig.from_dict(values)
+  if c.model.hf_path:
+    from prefix_dpo import hf_interop  # pylint: disable=g-import-not-at-top
+    cfg = hf_interop.resolve_config(c.model.hf_path, cfg)
+  return cfg
+
+
+def record_model_config(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> None:
+  """Writes the resolved architecture into ``c.model`` so checkpoints describe it."""
+  for field in dataclasses.fields(cfg):
+    c.model[field.name] = getattr(cfg, field.name)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -77,4 +89,5 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f'pack=False lays out one sequence per row: batch.rows must be '
           f'batch.max_examples * {per_example} = {c.batch.max_examples * per_example}, '
           f'got {c.batch.rows}')
-  model_config(c, vocab_size=max(c.model.vocab_size, 1))  # raises on bad model keys
+  if not c.model.hf_path:
+    model_config(c, vocab_size=max(c.model.vocab_size, 1))  # raises on bad model keys

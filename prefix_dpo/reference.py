@@ -3,7 +3,7 @@
 With ``reference.mode='precomputed'`` one pass over the training data computes
 every example's reference log-probs (prefix-shared, like training) before the
 first step; training then reads them by example id and never runs the
-reference model. Each process caches its own data share.
+reference model. Each process caches its own data share, per split (train and eval).
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import numpy as np
 MODES = ('model', 'precomputed', 'none')
 
 
-def cache_path(workdir: str) -> str:
-  return os.path.join(workdir, 'reference_logps', f'process_{jax.process_index()}.npz')
+def cache_path(workdir: str, split: str) -> str:
+  """Example ids are per split, so each split (and process) has its own file."""
+  return os.path.join(workdir, 'reference_logps', f'{split}_process_{jax.process_index()}.npz')
 
 
 class ReferenceCache:

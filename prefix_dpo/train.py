@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -63,10 +63,13 @@ class Run:
                          f'{self.processes} processes')
     self.local_rows = c.batch.rows // self.processes
     self.local_examples = c.batch.max_examples // self.processes
+    if c.model.hf_path and c.data.tokenizer == 'byte':
+      c.data.tokenizer = c.model.hf_path  # one path for weights and tokenizer
     # Data first: a missing file fails before anything is written.
     self.tokenizer = pipeline.make_tokenizer(c.data)
     self.train_data = self._batches('train', num_epochs=None)
     self.model_cfg = config_lib.model_config(c, self.tokenizer.vocab_size)
+    config_lib.record_model_config(c, self.model_cfg)
     self.mesh = sharding.make_mesh(c.mesh.to_dict())
     for name in ('rows', 'max_examples'):
       data_ways = self.mesh.shape['data'] * self.mesh.shape['fsdp']
@@ -88,12 +91,13 @@ class Run:
         num_responses=c.num_responses, pack=c.pack, seed=c.seed, num_epochs=num_epochs,
         shard_index=self.process, shard_count=self.processes)
 
-  def device_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host batch -> global sharded arrays (adds reference log-probs if cached)."""
+  def device_batch(self, local: Mapping[str, np.ndarray],
+                   split: str = 'train') -> dict[str, jax.Array]:
+    """Host batch -> global sharded arrays (adds precomputed reference log-probs)."""
     local = dict(local)
     example_ids = local.pop('example_id')
-    if self.reference_mode == 'precomputed' and self.reference_cache is not None:
-      local['reference_logps'] = self.reference_cache.lookup(example_ids)
+    if self.reference_mode == 'precomputed':
+      local['reference_logps'] = self.reference_caches[split].lookup(example_ids)
     local = layout_lib.offset_slots(local, row_offset=self.process * self.local_rows,
                                     example_offset=self.process * self.local_examples)
     return sharding.global_batch(local, self.mesh)
@@ -127,36 +131,37 @@ class Run:
     self.reference_params = (jax.tree.map(jnp.copy, params)
                              if self.reference_mode in ('model', 'precomputed') else None)
     self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    ref_shardings = (None if self.reference_params is None
-                     else jax.tree.map(lambda x: x.sharding, self.reference_params))
+    # Inputs arrive committed to their shardings (state built sharded, batches
+    # assembled by sharding.global_batch); the state keeps its layout across steps.
     self.train_step = jax.jit(step_lib.make_train_step(self.settings, self.tx),
-                              in_shardings=(self.state_shardings, None, ref_shardings),
                               out_shardings=(self.state_shardings, None),
                               donate_argnums=(0,))
     self.eval_step = jax.jit(step_lib.make_eval_step(self.settings))
     self.reference_step = jax.jit(step_lib.make_reference_step(self.settings))
-    self.reference_cache = None
+    self.reference_caches: dict[str, reference_lib.ReferenceCache] = {}
 
   # -- phases ---------------------------------------------------------------
   def prepare_reference(self) -> None:
-    """Loads or computes the precomputed reference cache; drops the reference model."""
+    """Loads or computes the reference caches of both splits; drops the reference model."""
     if self.reference_mode != 'precomputed':
       return
-    path = reference_lib.cache_path(self.workdir)
-    if os.path.exists(path):
-      self.reference_cache = reference_lib.ReferenceCache.load(path)
-    else:
-      def logps_fn(batch):
-        batch = {k: v for k, v in batch.items() if k != 'example_id'}
-        batch = sharding.global_batch(batch, self.mesh)
-        logps = self.reference_step(self.reference_params, batch)
-        if self.processes > 1:
-          logps = multihost_utils.process_allgather(logps, tiled=True)
-        own = slice(self.process * self.local_examples, (self.process + 1) * self.local_examples)
-        return np.asarray(logps)[own]
-      self.reference_cache = reference_lib.ReferenceCache.compute(
-          self._batches('train', num_epochs=1), logps_fn)
-      self.reference_cache.save(path)
+
+    def logps_fn(batch):
+      batch = {k: v for k, v in batch.items() if k != 'example_id'}
+      logps = self.reference_step(self.reference_params, sharding.global_batch(batch, self.mesh))
+      if self.processes > 1:
+        logps = multihost_utils.process_allgather(logps, tiled=True)
+      own = slice(self.process * self.local_examples, (self.process + 1) * self.local_examples)
+      return np.asarray(logps)[own]
+
+    for split in ('train', 'eval'):
+      path = reference_lib.cache_path(self.workdir, split)
+      if os.path.exists(path):
+        self.reference_caches[split] = reference_lib.ReferenceCache.load(path)
+      else:
+        self.reference_caches[split] = reference_lib.ReferenceCache.compute(
+            self._batches(split, num_epochs=1), logps_fn)
+        self.reference_caches[split].save(path)
     self.reference_params = None  # training never runs the reference model
 
   def evaluate(self) -> dict[str, float]:
@@ -169,8 +174,8 @@ class Run:
       pairs = metrics_lib.batch_stats(batch)['pairs']
       if pairs == 0:
         continue
-      values = jax.device_get(self.eval_step(self.state['params'], self.device_batch(batch),
-                                             self.reference_params))
+      values = jax.device_get(self.eval_step(
+          self.state['params'], self.device_batch(batch, 'eval'), self.reference_params))
       for key, value in values.items():
         totals[key] = totals.get(key, 0.0) + float(value) * pairs
       weight += pairs
@@ -256,7 +261,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
           _save(checkpointer, run, done, c)
       progress.update(1)
     else:  # finished without a stop signal: final evaluation and checkpoint
-      final = run.evaluate()
+      evaluated = c.train.eval_every and c.train.steps % c.train.eval_every == 0
+      final = {} if evaluated and start < c.train.steps else run.evaluate()
       if final:
         writer.write(c.train.steps, final)
         last = {**last, **final}
@@ -293,6 +299,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError('--config and --workdir are required')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   initialize_distributed(_CONFIG.value.distributed)
   try:
     final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
