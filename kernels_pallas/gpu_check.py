@@ -187,6 +187,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--skip_check', action='store_true')
   parser.add_argument('--skip_xla', action='store_true')
   parser.add_argument('--skip_mha', action='store_true')
+  parser.add_argument('--skip_dense', action='store_true',
+                      help='skip our kernel with block skipping off')
   parser.add_argument('--json', help='also write the rows to this JSON file')
   parser.add_argument('--dry_run', action='store_true',
                       help='tiny shapes in interpret mode (runs on CPU)')
@@ -270,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kernel = functools.partial(block_sparse_attention, segment_ids=seg, branch_ids=br,
                                sm_scale=scale, block_q=fq, block_kv=fkv,
                                bwd_block_q=bq, bwd_block_kv=bkv, interpret=interpret)
-    if i == 0:
+    if i == 0 and not args.skip_dense:
       all_f, all_b = np.ones_like(kind_f), np.ones_like(kind_b)
       measure(Row(f'ours-dense {tag}', fwd_flops=block_flops(all_f, fq, fkv, h, d, 4),
                   bwd_flops=block_flops(all_b, bq, bkv, h, d, 10), visited=1.0),
