@@ -310,5 +310,18 @@ def main(argv: list[str]) -> None:
     print(json.dumps({k: round(v, 6) for k, v in final.items()}, sort_keys=True))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; a bad config file or override is one clear line, exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    message = str(e).replace('\\n', ' ').replace("\\'", "'")
+    message = ' '.join(message.split()).strip('\'"')
+    if isinstance(e, KeyError):
+      message = f'unknown config key {message!r}'
+    print(f'error: bad flag or config override: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
