@@ -300,9 +300,15 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError('--config and --workdir are required')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  initialize_distributed(_CONFIG.value.distributed)
   try:
-    final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    distributed = config.distributed  # a config file that failed to load raises here
+  except OSError as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
+  initialize_distributed(distributed)
+  try:
+    final = train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
