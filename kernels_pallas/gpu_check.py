@@ -107,7 +107,8 @@ class Row:
 def block_flops(kind: np.ndarray, block_q: int, block_kv: int, heads: int,
                 head_dim: int, per_block: int) -> float:
   """FLOPs of the visited (non-empty) blocks of ``kind``."""
-  return float((kind != metadata_lib.EMPTY).sum()) * per_block * block_q * block_kv * head_dim * heads
+  visited = float((kind != metadata_lib.EMPTY).sum())
+  return visited * per_block * block_q * block_kv * head_dim * heads
 
 
 def causal_blocks(seq: int, block_q: int, block_kv: int, batch: int) -> int:
@@ -245,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               branch_ids=br, sm_scale=scale))
   mha_row = None
   if not args.skip_mha:
-    from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=g-import-not-at-top
+    # Imported here: deprecated in jax 0.11 (moved to tokamax), GPU-only use.
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=g-import-not-at-top,line-too-long
     # Plain causal documents: one segment per packed example (wrong mask for
     # prefix sharing, the cost baseline); kv heads repeated (mha has no GQA).
     groups = h // kvh
