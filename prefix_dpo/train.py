@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -45,8 +46,10 @@ def initialize_distributed(c: ml_collections.ConfigDict) -> None:
   if c.coordinator_address:
     kwargs = dict(coordinator_address=c.coordinator_address,
                   num_processes=c.num_processes, process_id=c.process_id)
-  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS') == 'cpu':
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Cross-process collectives of the CPU backend (multi-process CPU runs and
+  # tests); the GPU/TPU backends ignore it. (Asking jax.default_backend() here
+  # would start the backend before initialize(), which must come first.)
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)
 
 
@@ -124,7 +127,12 @@ class Run:
         graphdef=graphdef, loss=c.loss, reference_mode=self.reference_mode,
         chunk_size=c.train.logprob_chunk, max_targets=max_targets)
     self.tx = optim.make_optimizer(c.optimizer, c.train.steps)
-    opt_state = jax.jit(self.tx.init)(params)
+    # Optimiser moments shard like their parameters; counters are replicated.
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, param_sharding: param_sharding, jax.eval_shape(self.tx.init, params),
+        jax.tree.map(lambda x: x.sharding, params),
+        transform_non_params=lambda _: sharding.replicated(self.mesh))
+    opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(self.mesh))
     self.state = {'params': params, 'opt_state': opt_state, 'step': step}
     # The frozen reference: a copy, so donating the state never frees it.
