@@ -81,7 +81,9 @@ def load_policy(workdir: str, step: int | None = None
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       nnx.to_pure_dict(params))}
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+      state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
   manager.close()
   nnx.replace_by_pure_dict(params, restored.state['params'])
   return nnx.merge(graphdef, params), config
