@@ -4,11 +4,11 @@ python scripts/make_default_dataset.py [--seed 0] [--train 3000] [--eval 300] [-
 
 Synthetic, conversational, multi-turn (TRL conversational format: ``prompt``
 is a message list, ``chosen``/``rejected`` one assistant message each). Early
-in the conversation the user states a fact (e.g. their home city); small talk
+in the conversation the user states a fact (a locker code, a room number, ...); small talk
 follows; the last user turn asks for it back. The chosen answer repeats the
 stated value; the rejected one is the same sentence with another value of the
-same kind. Values are drawn uniformly for both, so the responses alone say
-nothing: only reading the prompt tells them apart. Prompts (~150-400 bytes)
+same kind (a number with as many digits). Both values are drawn uniformly,
+so the responses alone say nothing: only reading the prompt tells them apart. Prompts (~150-400 bytes)
 are several times longer than responses (~20-60 bytes), like Capybara/Tulu.
 The held-out split uses the same generator with a different stream of the
 same seed, so its conversations are new.
@@ -20,30 +20,22 @@ import json
 import random
 from pathlib import Path
 
-# (kind, question, answer template, how the user states it, values)
+# (kind, question, answer template, ways the user states it, digits of the value).
+# Values are numbers and the small talk has no digits, so the digits of the
+# prompt are the fact's: a tiny model can learn to copy them.
 FACTS = [
-    ('colour', 'what is my favourite colour', 'Your favourite colour is {}.',
-     ['my favourite colour is {}', 'I love the colour {}', 'I always wear {}'],
-     ['teal', 'amber', 'coral', 'olive', 'ivory', 'indigo', 'maroon', 'violet', 'khaki',
-      'scarlet', 'navy', 'beige']),
-    ('city', 'which city do I live in', 'You live in {}.',
-     ['I live in {}', 'my home is in {}', 'I moved to {} last year'],
-     ['Oslo', 'Lima', 'Kyiv', 'Rome', 'Cairo', 'Quito', 'Bern', 'Doha', 'Accra', 'Hanoi',
-      'Dakar', 'Perth']),
-    ('pet', "what is my dog's name", 'Your dog is called {}.',
-     ["my dog's name is {}", 'I have a dog called {}', 'my dog {} is very lazy'],
-     ['Biscuit', 'Pepper', 'Mango', 'Ziggy', 'Waffles', 'Nova', 'Rusty', 'Juniper', 'Pixel',
-      'Toffee', 'Bruno', 'Luna']),
-    ('code', 'what is my locker code', 'Your locker code is {}.',
-     ['my locker code is {}', 'the code for my locker is {}', 'I set my locker code to {}'],
-     None),  # 4-digit numbers
-    ('day', 'which day is my dentist appointment', 'Your appointment is on {}.',
-     ['my dentist appointment is on {}', 'I see the dentist on {}', 'the dentist booked me for {}'],
-     ['Monday', 'Tuesday', 'Wednesday', 'Thursday', 'Friday', 'Saturday', 'Sunday']),
-    ('fruit', 'which fruit do I like best', 'You like {} best.',
-     ['my favourite fruit is {}', 'I eat {} every day', 'nothing beats {} for me'],
-     ['mango', 'kiwi', 'papaya', 'cherries', 'figs', 'plums', 'lychee', 'apricots', 'melon',
-      'guava', 'dates', 'pears']),
+    ('locker', 'what is my locker code', 'Your locker code is {}.',
+     ['my locker code is {}', 'the code for my locker is {}', 'I set my locker code to {}'], 4),
+    ('room', 'which room am I in', 'You are in room {}.',
+     ['I am staying in room {}', 'my hotel room is {}', 'they gave me room {}'], 3),
+    ('gate', 'which gate does my flight leave from', 'Your flight leaves from gate {}.',
+     ['my flight leaves from gate {}', 'I board at gate {}', 'the app says gate {} for my flight'], 2),
+    ('order', 'what is my order number', 'Your order number is {}.',
+     ['my order number is {}', 'I placed order {} yesterday', 'the shop gave me order number {}'], 5),
+    ('bus', 'which bus do I take home', 'You take bus {} home.',
+     ['I take bus {} home', 'the bus I ride home is the {}', 'bus {} stops by my house'], 3),
+    ('pin', 'what is my bike lock number', 'Your bike lock number is {}.',
+     ['my bike lock number is {}', 'I set my bike lock to {}', 'the bike lock opens with {}'], 4),
 ]
 SYSTEM = ['You are a helpful assistant.', 'You are a friendly assistant. Keep answers short.',
           'You are a concise, careful assistant.']
@@ -65,17 +57,17 @@ SMALL_TALK = [
 ASKS = ['Thanks. Remind me, {}?', 'One more thing: {}?', 'Before I go, {}?', 'Quick question, {}?']
 
 
-def _value(rng: random.Random, values: list[str] | None) -> str:
-  return values[rng.randrange(len(values))] if values else str(rng.randrange(1000, 10000))
+def _value(rng: random.Random, digits: int) -> str:
+  return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
 
 
 def make_example(rng: random.Random, index: int) -> dict:
   """One conversation: state a fact, small talk, ask for it back."""
-  kind, question, answer, statements, values = FACTS[rng.randrange(len(FACTS))]
-  true = _value(rng, values)
-  other = _value(rng, values)
+  kind, question, answer, statements, digits = FACTS[rng.randrange(len(FACTS))]
+  true = _value(rng, digits)
+  other = _value(rng, digits)
   while other == true:
-    other = _value(rng, values)
+    other = _value(rng, digits)
   statement = rng.choice(statements).format(true)
   prompt = [{'role': 'system', 'content': rng.choice(SYSTEM)},
             {'role': 'user', 'content': rng.choice(OPENERS).format(statement)},

@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any, Iterator, Sequence
 
 import grain
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -216,6 +217,10 @@ def make_batch_iterator(data_cfg: ml_collections.ConfigDict, *, split: str, toke
   # Records are in memory: reading threads would only contend for the GIL.
   stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if data_cfg.num_workers:
+    # grain's worker processes read absl flags; outside an absl.app (tests,
+    # notebooks, prefix_dpo.stats) they would be unparsed: use the defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.worker_buffer_size))
   packed = packing.PackedBatchIterDataset(
