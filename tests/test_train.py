@@ -26,12 +26,13 @@ def assert_close_trees(a, b, **tol):
 
 
 def test_sharded_meshes_train_like_one_device(tmp_path):
+  batch = ('--config.batch.rows=8', '--config.batch.max_examples=8')
   base = str(tmp_path / 'one')
-  run_training(base, steps=3)
+  run_training(base, *batch, steps=3)
   expected = read_metrics(base)
   for mesh in (('2', '2', '2'), ('8', '1', '1'), ('1', '4', '2')):
     workdir = str(tmp_path / ('mesh' + ''.join(mesh)))
-    run_training(workdir, f'--config.mesh.data={mesh[0]}', f'--config.mesh.fsdp={mesh[1]}',
+    run_training(workdir, *batch, f'--config.mesh.data={mesh[0]}', f'--config.mesh.fsdp={mesh[1]}',
                  f'--config.mesh.tensor={mesh[2]}', steps=3, devices=8)
     got = read_metrics(workdir)
     assert len(got) == len(expected)
@@ -49,10 +50,11 @@ def _free_port():
 
 
 def test_two_processes_match_one_process(tmp_path):
-  # In file order with a one-example packing buffer, process i reads records
-  # i::2 and the two processes' batches together hold exactly the examples of
-  # the single process's batch (placed in other rows: the loss is the same).
-  in_order = ('--config.data.shuffle=False', '--config.data.pack_buffer=1')
+  # In file order and one example per row, process i reads records i::2 and
+  # the two processes' batches together hold exactly the examples of the
+  # single process's batch (in other rows: the loss is the same).
+  in_order = ('--config.data.shuffle=False', '--config.pack=False',
+              '--config.batch.max_examples=4')
   single = str(tmp_path / 'single')
   run_training(single, *in_order, steps=2)
   port = _free_port()
