@@ -64,9 +64,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     return blocked_attention(q, k, v, segment_ids, branch_ids, sm_scale=sm_scale,
                              max_tiles=_MAX_TILES.get())
   if impl == 'pallas':
-    from kernels_pallas import block_sparse_attention  # pylint: disable=g-import-not-at-top
-    return block_sparse_attention(q, k, v, segment_ids, branch_ids,
-                                  sm_scale=sm_scale)
+    import kernels_pallas  # pylint: disable=g-import-not-at-top
+    # pallas_call cannot be partitioned by the compiler: under a multi-device
+    # mesh (jax.set_mesh, as the trainer does) each device runs the kernel on
+    # its rows and heads via shard_map.
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+      return kernels_pallas.block_sparse_attention(q, k, v, segment_ids, branch_ids,
+                                                   sm_scale=sm_scale)
+    return kernels_pallas.sharded_block_sparse_attention(
+        q, k, v, segment_ids, branch_ids, mesh=mesh, sm_scale=sm_scale)
   raise ValueError(f'unknown attention impl {impl!r}; expected one of {IMPLS}')
 
 

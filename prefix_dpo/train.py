@@ -141,11 +141,12 @@ class Run:
     self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     # Inputs arrive committed to their shardings (state built sharded, batches
     # assembled by sharding.global_batch); the state keeps its layout across steps.
-    self.train_step = jax.jit(step_lib.make_train_step(self.settings, self.tx),
-                              out_shardings=(self.state_shardings, None),
-                              donate_argnums=(0,))
-    self.eval_step = jax.jit(step_lib.make_eval_step(self.settings))
-    self.reference_step = jax.jit(step_lib.make_reference_step(self.settings))
+    self.train_step = _under_mesh(self.mesh, jax.jit(
+        step_lib.make_train_step(self.settings, self.tx),
+        out_shardings=(self.state_shardings, None), donate_argnums=(0,)))
+    self.eval_step = _under_mesh(self.mesh, jax.jit(step_lib.make_eval_step(self.settings)))
+    self.reference_step = _under_mesh(
+        self.mesh, jax.jit(step_lib.make_reference_step(self.settings)))
     self.reference_caches: dict[str, reference_lib.ReferenceCache] = {}
 
   # -- phases ---------------------------------------------------------------
@@ -188,6 +189,14 @@ class Run:
         totals[key] = totals.get(key, 0.0) + float(value) * pairs
       weight += pairs
     return {f'eval/{k}': v / max(weight, 1.0) for k, v in totals.items()}
+
+
+def _under_mesh(mesh, fn):
+  """Runs ``fn`` with ``mesh`` as the context mesh (the Pallas attention's shard_map uses it)."""
+  def wrapped(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return wrapped
 
 
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
