@@ -28,6 +28,7 @@ def test_notebook_executes_with_small_settings(tmp_path, monkeypatch):
   pytest.importorskip('matplotlib')
   nb = nbformat.read(NOTEBOOK, as_version=4)
   monkeypatch.setenv('PREFIX_DPO_NOTEBOOK_SMALL', '1')
+  monkeypatch.setenv('TMPDIR', str(tmp_path))  # the notebook's work directories (tempfile)
   monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')
   km = _kernel_manager(str(tmp_path / 'kernels'))
   client = nbclient.NotebookClient(
@@ -62,5 +63,6 @@ def test_committed_notebook_has_no_outputs():
   dirty = [i for i, cell in enumerate(nb['cells']) if cell['cell_type'] == 'code'
            and (cell.get('outputs') or cell.get('execution_count') is not None)]
   assert not dirty, (f'{NOTEBOOK}: code cells {dirty} have outputs or execution counts; strip '
-                     'them before committing (e.g. jupyter nbconvert --clear-output --inplace)')
+                     'them before committing (Edit > Clear all outputs, or jupyter nbconvert '
+                     '--clear-output --inplace)')
   assert nb['metadata'].get('kernelspec', {}).get('name') == 'python3'
