@@ -32,8 +32,10 @@ def tile_budget(max_tiles: int | None) -> Iterator[None]:
   Shapes must be static, so the number of non-empty tiles is fixed at trace
   time: by default every tile on or below the diagonal (always enough). A
   caller that knows its batches (e.g. the benchmark, from
-  :func:`count_tiles`) passes a tighter budget; a batch with more non-empty
-  tiles than the budget falls back to the dense path (same result, slower).
+  :func:`count_tiles`) passes a tighter budget. A batch with more non-empty
+  tiles than the budget gets NaN outputs -- loud, unlike dropped tiles; a
+  dense fallback branch would cost its ``seq ** 2`` buffers and compile time
+  in every step.
   """
   token = _MAX_TILES.set(max_tiles)
   try:
@@ -156,7 +158,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   triangle are skipped.
 
   Args and returns as :func:`xla_attention`; ``max_tiles=None`` budgets every
-  tile on or below the diagonal.
+  tile on or below the diagonal (always enough); with fewer, a batch with
+  more non-empty tiles gives NaN (see :func:`tile_budget`).
   """
   batch, seq, heads, head_dim = q.shape
   kv_heads = k.shape[2]
@@ -174,52 +177,43 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   budget = causal_tiles if max_tiles is None else max(1, min(max_tiles, causal_tiles))
   visible = _block_visibility(segment_ids, branch_ids, block).reshape(-1)
   count = jnp.sum(visible)
-
-  def sparse(q, k, v):
-    (tile,) = jnp.nonzero(visible, size=budget, fill_value=0)
-    valid = jnp.arange(budget) < count
-    q_block = tile // n                           # row * n + query block
-    k_block = (tile // (n * n)) * n + tile % n    # row * n + key block
-    index = jnp.arange(n * block, dtype=jnp.int32).reshape(n, block)
-    ids = lambda x, b: x.reshape(batch * n, block)[b]
-    tile_mask = masks.allowed(
-        ids(segment_ids, q_block)[:, :, None], ids(branch_ids, q_block)[:, :, None],
-        index[q_block % n][:, :, None], ids(segment_ids, k_block)[:, None, :],
-        ids(branch_ids, k_block)[:, None, :], index[k_block % n][None, :][0][:, None, :])
-    tile_mask = (tile_mask & valid[:, None, None])[:, None, None]  # [t, 1, 1, q, k]
-    # Blocks as [row * n, kv, (g *) block, d], then one gather per operand.
-    blocks = lambda x, h: x.reshape(batch * n, block, kv_heads, h, head_dim).transpose(
-        0, 2, 3, 1, 4).reshape(batch * n, kv_heads, h * block, head_dim)
-    qt = blocks(q, groups)[q_block]  # [t, kv, g * q, d]
-    kt = blocks(k, 1)[k_block]       # [t, kv, k, d]
-    vt = blocks(v, 1)[k_block]
-    scores = jnp.einsum('thqd,thkd->thqk', qt, kt, preferred_element_type=jnp.float32)
-    scores = scores.reshape(budget, kv_heads, groups, block, block) * sm_scale
-    scores = jnp.where(tile_mask, scores, jnp.finfo(jnp.float32).min)
-    # Unused budget slots go to an extra segment that is dropped.
-    seg = jnp.where(valid, q_block, batch * n)
-    segments = dict(segment_ids=seg, num_segments=batch * n + 1, indices_are_sorted=True)
-    # The max only stabilises exp(); its gradient cancels.
-    top = jax.lax.stop_gradient(jax.ops.segment_max(scores.max(axis=-1), **segments))
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    probs = jnp.where(tile_mask, jnp.exp(scores - top[seg][..., None]), 0.0)
-    total = jax.ops.segment_sum(probs.sum(axis=-1), **segments)[:-1]  # [bn, kv, g, q]
-    probs = probs.reshape(budget, kv_heads, groups * block, block)
-    out = jnp.einsum('thqk,thkd->thqd', probs.astype(v.dtype), vt,
-                     preferred_element_type=jnp.float32)
-    out = jax.ops.segment_sum(out, **segments)[:-1]  # [bn, kv, g * q, d]
-    total = total.reshape(batch * n, kv_heads, groups * block, 1)
-    # Queries that see nothing (padding) get zeros, as in xla_attention.
-    out = jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)
-    out = out.reshape(batch, n, kv_heads, groups, block, head_dim).transpose(0, 1, 4, 2, 3, 5)
-    return out.reshape(batch, n * block, heads, head_dim).astype(q.dtype)
-
-  def dense(q, k, v):
-    out = xla_attention(q, k, v, segment_ids, branch_ids, sm_scale=sm_scale)
-    return out.reshape(batch, n * block, heads, head_dim)
-
-  if budget >= causal_tiles:  # every non-empty tile is on or below the diagonal
-    out = sparse(q, k, v)
-  else:
-    out = jax.lax.cond(count <= budget, sparse, dense, q, k, v)
+  (tile,) = jnp.nonzero(visible, size=budget, fill_value=0)
+  valid = jnp.arange(budget) < count
+  q_block = tile // n                           # row * n + query block
+  k_block = (tile // (n * n)) * n + tile % n    # row * n + key block
+  index = jnp.arange(n * block, dtype=jnp.int32).reshape(n, block)
+  ids = lambda x, b: x.reshape(batch * n, block)[b]
+  tile_mask = masks.allowed(
+      ids(segment_ids, q_block)[:, :, None], ids(branch_ids, q_block)[:, :, None],
+      index[q_block % n][:, :, None], ids(segment_ids, k_block)[:, None, :],
+      ids(branch_ids, k_block)[:, None, :], index[k_block % n][:, None, :])
+  tile_mask = (tile_mask & valid[:, None, None])[:, None, None]  # [t, 1, 1, q, k]
+  # Blocks as [row * n, kv, (g *) block, d], then one gather per operand.
+  blocks = lambda x, h: x.reshape(batch * n, block, kv_heads, h, head_dim).transpose(
+      0, 2, 3, 1, 4).reshape(batch * n, kv_heads, h * block, head_dim)
+  qt = blocks(q, groups)[q_block]  # [t, kv, g * q, d]
+  kt = blocks(k, 1)[k_block]       # [t, kv, k, d]
+  vt = blocks(v, 1)[k_block]
+  scores = jnp.einsum('thqd,thkd->thqk', qt, kt, preferred_element_type=jnp.float32)
+  scores = scores.reshape(budget, kv_heads, groups, block, block) * sm_scale
+  scores = jnp.where(tile_mask, scores, jnp.finfo(jnp.float32).min)
+  # Unused budget slots go to an extra segment that is dropped.
+  seg = jnp.where(valid, q_block, batch * n)
+  segments = dict(segment_ids=seg, num_segments=batch * n + 1, indices_are_sorted=True)
+  # The max only stabilises exp(); its gradient cancels.
+  top = jax.lax.stop_gradient(jax.ops.segment_max(scores.max(axis=-1), **segments))
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  probs = jnp.where(tile_mask, jnp.exp(scores - top[seg][..., None]), 0.0)
+  total = jax.ops.segment_sum(probs.sum(axis=-1), **segments)[:-1]  # [bn, kv, g, q]
+  probs = probs.reshape(budget, kv_heads, groups * block, block)
+  out = jnp.einsum('thqk,thkd->thqd', probs.astype(v.dtype), vt,
+                   preferred_element_type=jnp.float32)
+  out = jax.ops.segment_sum(out, **segments)[:-1]  # [bn, kv, g * q, d]
+  total = total.reshape(batch * n, kv_heads, groups * block, 1)
+  # Queries that see nothing (padding) get zeros, as in xla_attention.
+  out = jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)
+  out = out.reshape(batch, n, kv_heads, groups, block, head_dim).transpose(0, 1, 4, 2, 3, 5)
+  out = out.reshape(batch, n * block, heads, head_dim).astype(q.dtype)
+  if budget < causal_tiles:  # some tiles may not fit: poison, never drop silently
+    out = jnp.where(count <= budget, out, jnp.nan)
   return out[:, :seq]

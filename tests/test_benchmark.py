@@ -75,7 +75,6 @@ def _random_rows(seed, *, layout_name, pack, seq_len):
     ('prefix_shared', True, 200, 'exact'),   # packed, 2-3 responses, seq % block != 0
     ('paired', False, 96, 'exact'),
     ('prefix_shared', False, 128, 'causal'),  # default budget: every lower tile
-    ('prefix_shared', True, 200, 'short'),    # budget too small: dense fallback
 ])
 def test_blocked_attention_equals_dense(layout_name, pack, seq_len, budget):
   import jax
@@ -101,6 +100,18 @@ def test_blocked_attention_equals_dense(layout_name, pack, seq_len, budget):
     np.testing.assert_allclose(got, want, atol=2e-5)
   # Padding queries give zeros, as in the dense reference.
   assert not np.asarray(blocked(q, k, v))[np.asarray(seg) == 0].any()
+
+
+def test_blocked_attention_over_budget_is_nan():
+  import jax.numpy as jnp
+  batch = _random_rows(0, layout_name='prefix_shared', pack=True, seq_len=200)
+  seg, br = jnp.asarray(batch['segment_ids']), jnp.asarray(batch['branch_ids'])
+  tiles = attention.count_tiles(batch['segment_ids'], batch['branch_ids'], 32)
+  q = jnp.ones(seg.shape + (2, 8))
+  for budget, nan in ((tiles, False), (tiles - 1, True)):
+    out = attention.blocked_attention(q, q, q, seg, br, sm_scale=1.0, block=32,
+                                      max_tiles=budget)
+    assert bool(jnp.isnan(out).all()) == nan
 
 
 def test_tile_budget_reaches_the_model():

@@ -34,7 +34,8 @@ class ModeRun:
   batches: list[dict[str, jax.Array]]
   compile_seconds: float
   memory: dict[str, int]
-  times: list[float] = dataclasses.field(default_factory=list)
+  times: list[float] = dataclasses.field(default_factory=list)      # wall seconds
+  cpu_times: list[float] = dataclasses.field(default_factory=list)  # process CPU seconds
 
 
 def init_params(cfg: model_lib.ModelConfig, seed: int):
@@ -87,16 +88,19 @@ def time_interleaved(runs: dict[str, ModeRun], reference_params, *, rounds: int,
                      warmup: int) -> None:
   """Runs A B C D A B C D ...: round ``r`` times every mode on batch ``r``.
 
-  ``warmup`` untimed rounds come first (first-call allocation, caches).
+  ``warmup`` untimed rounds come first (first-call allocation, caches). Wall
+  time is the measure; the process's CPU time is kept too: on a shared
+  machine it is barely moved by other processes' load.
   """
   for r in range(warmup + rounds):
     for run in runs.values():
       batch = run.batches[r % len(run.batches)]
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       run.state, _ = run.compiled(run.state, batch, reference_params)
       jax.block_until_ready(run.state)
       if r >= warmup:
         run.times.append(time.perf_counter() - start)
+        run.cpu_times.append(time.process_time() - cpu)
 
 
 def profile_modes(runs: dict[str, ModeRun], reference_params) -> dict[str, dict | None]:
