@@ -5,9 +5,9 @@ python scripts/make_default_dataset.py [--seed 0] [--train 3000] [--eval 300] [-
 Synthetic, conversational, multi-turn (TRL conversational format: ``prompt``
 is a message list, ``chosen``/``rejected`` one assistant message each). Early
 in the conversation the user states a fact (a locker code, a room number, ...); small talk
-follows; the last user turn asks for it back. The chosen answer repeats the
-stated value; the rejected one is the same sentence with another value of the
-same kind (a number with as many digits). Both values are drawn uniformly,
+follows; the last user turn asks for it back. The assistant echoes the value
+when it is stated, the chosen answer repeats it, and the rejected one is the
+same sentence with another number of as many digits, none of them shared. Both values are drawn uniformly,
 so the responses alone say nothing: only reading the prompt tells them apart. Prompts (~150-400 bytes)
 are several times longer than responses (~20-60 bytes), like Capybara/Tulu.
 The held-out split uses the same generator with a different stream of the
@@ -40,8 +40,10 @@ FACTS = [
 SYSTEM = ['You are a helpful assistant.', 'You are a friendly assistant. Keep answers short.',
           'You are a concise, careful assistant.']
 OPENERS = ['Hi! {}.', 'Hello, quick note: {}.', 'Hey there. By the way, {}.', 'Good morning! {}.']
-REPLIES = ['Thanks for telling me. How can I help today?', 'Noted! What would you like to do?',
-           'Good to know. What can I do for you?', 'Got it. How can I help?']
+_SENTENCE_START = ('Hi! {}', 'Good morning! {}')
+# The assistant repeats the value back (as assistants do), so it appears twice.
+REPLIES = ['Thanks, I will remember {}. How can I help today?', 'Noted: {}. What would you like to do?',
+           'Good to know, {}. What can I do for you?', 'Got it, {}. How can I help?']
 SMALL_TALK = [
     ('Can you suggest a quick breakfast?', 'Try oats with yogurt and some nuts.'),
     ('How do I keep my plants alive?', 'Water them weekly and give them some light.'),
@@ -57,22 +59,30 @@ SMALL_TALK = [
 ASKS = ['Thanks. Remind me, {}?', 'One more thing: {}?', 'Before I go, {}?', 'Quick question, {}?']
 
 
-def _value(rng: random.Random, digits: int) -> str:
-  return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+def _value(rng: random.Random, digits: int, avoid: str = '') -> str:
+  """A number of ``digits`` digits, none of them in ``avoid``."""
+  allowed = [d for d in '0123456789' if d not in avoid]
+  while True:
+    value = ''.join(rng.choice(allowed) for _ in range(digits))
+    if value[0] != '0':
+      return value
 
 
 def make_example(rng: random.Random, index: int) -> dict:
   """One conversation: state a fact, small talk, ask for it back."""
   kind, question, answer, statements, digits = FACTS[rng.randrange(len(FACTS))]
   true = _value(rng, digits)
-  other = _value(rng, digits)
-  while other == true:
-    other = _value(rng, digits)
+  # The other value shares no digit with the true one: every digit of the
+  # answer is then evidence, and the two are drawn alike (symmetric).
+  other = _value(rng, digits, avoid=true)
   statement = rng.choice(statements).format(true)
+  opener = rng.choice(OPENERS)
+  if opener.startswith(_SENTENCE_START):
+    statement = statement[0].upper() + statement[1:]
   prompt = [{'role': 'system', 'content': rng.choice(SYSTEM)},
-            {'role': 'user', 'content': rng.choice(OPENERS).format(statement)},
-            {'role': 'assistant', 'content': rng.choice(REPLIES)}]
-  for user, assistant in rng.sample(SMALL_TALK, rng.randint(1, 3)):
+            {'role': 'user', 'content': opener.format(statement)},
+            {'role': 'assistant', 'content': rng.choice(REPLIES).format(true)}]
+  for user, assistant in rng.sample(SMALL_TALK, rng.randint(0, 3)):
     prompt += [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': assistant}]
   prompt.append({'role': 'user', 'content': rng.choice(ASKS).format(question)})
   return {'id': index, 'kind': kind, 'prompt': prompt,

@@ -126,3 +126,14 @@ def test_truncation_keeps_prompt_end_and_cuts_responses(tmp_path):
   assert summary.truncated_responses == 2
   _, chosen, _ = tokens(max_response_length=4)
   assert chosen == 'KLMN'
+
+
+def test_endless_iteration_over_only_bad_records_stops_with_an_error(tmp_path):
+  path = fx.write_jsonl(tmp_path / 'bad.jsonl', [GOOD, {**GOOD, 'chosen': 5}])
+  c = data_cfg(path)
+  c.format = 'conversational'
+  it = pipeline.make_batch_iterator(c, split='train', tokenizer=TOK, layout='prefix_shared',
+                                    seq_len=16, rows=1, max_examples=1, num_responses=2,
+                                    pack=True, seed=0, num_epochs=None)
+  with pytest.raises(DataError, match='a whole epoch of records was skipped'):
+    next(it)

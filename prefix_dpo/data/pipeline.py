@@ -134,8 +134,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
   @property
   def counters(self) -> dict[str, int]:
-    state = self._it.get_state()
-    return dict(state['counters']) if 'counters' in state else {}
+    return self._it.counters
 
   def close(self) -> None:
     close = getattr(self._it, 'close', None)
