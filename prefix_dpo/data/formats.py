@@ -111,8 +111,12 @@ def resolve_format(fmt: str, samples: Sequence[tuple[str, Any]],
   return 'ultrafeedback' if fmt == 'capybara' else fmt
 
 
-def parse(record: Any, fmt: str, cfg: ml_collections.ConfigDict) -> Preference:
-  """One raw record -> a Preference; raises :class:`Skip` for a bad record."""
+def parse(record: Any, fmt: str, cfg: Any) -> Preference:
+  """One raw record -> a Preference; raises :class:`Skip` for a bad record.
+
+  ``cfg``: ``config.data`` or any object with its attributes (``fields``,
+  ``hh_as_messages``, ``assistant_marker``).
+  """
   if not isinstance(record, dict):
     raise Skip('not_a_record', type(record).__name__)
   fields = cfg.fields
@@ -149,7 +153,7 @@ def _text(value: Any, what: str) -> str:
   return value
 
 
-def _messages(value: Any, fields: ml_collections.ConfigDict, what: str) -> tuple:
+def _messages(value: Any, fields: Any, what: str) -> tuple:
   """A list of ``{role, content}`` dicts -> a tuple of plain messages."""
   if isinstance(value, dict):
     value = [value]
