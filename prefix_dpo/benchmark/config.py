@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   # tokens_per_step prefix-shared tokens at the workload's median length.
   c.pairs_per_step = 0
   c.tokens_per_step = 2048
-  c.steps = 5    # timed rounds; every round runs every mode once, interleaved
+  c.steps = 7    # timed rounds; every round runs every mode once, interleaved
   c.warmup = 1   # untimed rounds after compilation
   c.seed = 0
   c.model = ml_collections.ConfigDict(

@@ -97,23 +97,25 @@ def chart(results: Mapping[str, Any], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   names = list(results['workloads'])
-  fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(names) + 2), 4.2), sharey=True)
+  fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(names) + 4), 4.6), sharey=True)
   x = np.arange(len(names))
+  bars = (('achieved', 'achieved (this run)'), ('ideal', 'ideal (FLOP ratio)'),
+          ('paper', 'paper (8xH100, vs FA3)'))
   for ax, comp in zip(axes, COMPARISONS):
-    values = {key: [results['workloads'][n]['speedup'].get(comp, {}).get(key) or 0.0
-                    for n in names] for key in ('achieved', 'ideal', 'paper')}
-    for i, (key, label) in enumerate((('achieved', 'achieved (this run)'),
-                                      ('ideal', 'ideal (FLOP ratio)'),
-                                      ('paper', 'paper (8xH100, vs FA3)'))):
-      ax.bar(x + (i - 1) * 0.27, values[key], 0.27, label=label)
+    for i, (key, label) in enumerate(bars):
+      values = [results['workloads'][n]['speedup'].get(comp, {}).get(key) or 0.0
+                for n in names]
+      drawn = ax.bar(x + (i - 1) * 0.27, values, 0.27, label=label)
+      ax.bar_label(drawn, fmt='%.2f', fontsize=6, padding=1)
     ax.axhline(1.0, color='gray', lw=0.8)
     ax.set_xticks(x, names, rotation=30, ha='right')
-    ax.set_title(f'prefix sharing vs paired, {comp}')
+    ax.set_title(f'prefix sharing vs paired, {comp}', fontsize=10)
   axes[0].set_ylabel('speedup (pairs/s)')
-  axes[0].legend(loc='upper left', fontsize=8)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='lower center', ncol=3, fontsize=8, frameon=False)
   fig.suptitle(f'{results["machine"]["device_kind"]}, attention '
                f'{results["config"]["model"]["attention_impl"]}', fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 

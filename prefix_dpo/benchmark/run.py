@@ -1,8 +1,8 @@
 """One benchmark run: every workload of the config, every mode, then the report."""
 from __future__ import annotations
 
-import platform
 import os
+import platform
 import resource
 import sys
 import time
@@ -19,7 +19,11 @@ from prefix_dpo.benchmark import workloads
 def pairs_per_step(c: ml_collections.ConfigDict, name: str) -> int:
   if c.pairs_per_step:
     return c.pairs_per_step
-  median = workloads.PAPER[name].median_len * c.length_scale if name in workloads.PAPER else 512
+  if name == 'file':  # the median of a first sample of the file
+    sample, _ = workloads.file_examples(c.data, 64, seq_len=c.file_seq_len, seed=c.seed)
+    median = workloads.length_stats(sample)['median_len']
+  else:
+    median = workloads.PAPER[name].median_len * c.length_scale
   return max(2, round(c.tokens_per_step / median))
 
 
@@ -85,12 +89,19 @@ def run(c: ml_collections.ConfigDict, out_dir: str, log=None) -> dict[str, Any]:
       'machine': {**timing.device_info(), 'cpu_count': os.cpu_count(),
                   'platform': platform.platform(), 'processor': platform.machine()},
       'config': c.to_dict(),
+      'peak_memory_source': (
+          "XLA's buffer assignment of each mode's compiled step: arguments + outputs"
+          ' - donated aliases + temporaries (machine.process_max_rss_bytes is the'
+          " process's RSS high-water mark over all modes)"),
       'workloads': {},
   }
+  results['machine']['load_average_start'] = os.getloadavg()
   names = [n for w in c.workloads for n in (workloads.NAMES if w == 'all' else (w,))]
   for name in names:
     results['workloads'][name] = run_workload(c, name, log)
   results['seconds'] = time.perf_counter() - start
+  # Other processes' load: the noise this run's wall times carry.
+  results['machine']['load_average_end'] = os.getloadavg()
   results['out'] = out_dir
   # Process-wide high-water marks (all modes together): context only.
   results['machine']['process_max_rss_bytes'] = resource.getrusage(
