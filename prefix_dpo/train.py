@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -169,18 +169,17 @@ class Run:
         self.reference_caches[split] = reference_lib.ReferenceCache.load(path)
       else:
         self.reference_caches[split] = reference_lib.ReferenceCache.compute(
-            self._batches(split, num_epochs=1), logps_fn)
+            (batch for batch, _ in self._one_pass(split)), logps_fn)
         self.reference_caches[split].save(path)
     self.reference_params = None  # training never runs the reference model
 
   def evaluate(self) -> dict[str, float]:
-    """Mean metrics over the held-out split (weighted by pairs per batch)."""
+    """Mean metrics over the held-out split (weighted by pairs per global batch)."""
     totals: dict[str, float] = {}
     weight = 0.0
-    for i, batch in enumerate(self._batches('eval', num_epochs=1)):
+    for i, (batch, pairs) in enumerate(self._one_pass('eval')):
       if self.c.train.eval_batches and i >= self.c.train.eval_batches:
         break
-      pairs = metrics_lib.batch_stats(batch)['pairs']
       if pairs == 0:
         continue
       values = jax.device_get(self.eval_step(
@@ -189,6 +188,39 @@ class Run:
         totals[key] = totals.get(key, 0.0) + float(value) * pairs
       weight += pairs
     return {f'eval/{k}': v / max(weight, 1.0) for k, v in totals.items()}
+
+  def _one_pass(self, split: str) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """One pass over ``split``: ``(local batch, pairs in the global batch)``.
+
+    Processes can hold different numbers of batches (their shares differ by a
+    record); every step is collective, so a process that has run out feeds
+    empty batches until all have.
+    """
+    batches = self._batches(split, num_epochs=1)
+    empty = None
+    while True:
+      batch = next(batches, None)
+      pairs = 0 if batch is None else metrics_lib.batch_stats(batch)['pairs']
+      if self.processes > 1:
+        counts = multihost_utils.process_allgather(np.array([batch is not None, pairs]))
+        if not counts[:, 0].any():
+          return
+        pairs = int(counts[:, 1].sum())
+        if batch is None:
+          empty = empty or self._empty_batch()
+          batch = empty
+      elif batch is None:
+        return
+      yield batch, pairs
+
+  def _empty_batch(self) -> dict[str, np.ndarray]:
+    """A batch of padding only (static shapes, no examples)."""
+    c = self.c
+    batch = layout_lib.build_batch([], layout=c.layout, seq_len=c.seq_len,
+                                   num_rows=self.local_rows, max_examples=self.local_examples,
+                                   num_responses=c.num_responses, pack=c.pack)
+    batch['example_id'] = np.full((self.local_examples,), -1, np.int64)
+    return batch
 
 
 def _under_mesh(mesh, fn):

@@ -11,7 +11,7 @@ import pytest
 
 from prefix_dpo import checkpoint
 from tests.train_helpers import (deterministic, env, read_metrics, run_training,
-                                 train_command, ROOT)
+                                 small_data, train_command, ROOT)
 
 
 def params_of(workdir):
@@ -53,8 +53,14 @@ def test_two_processes_match_one_process(tmp_path):
   # In file order and one example per row, process i reads records i::2 and
   # the two processes' batches together hold exactly the examples of the
   # single process's batch (in other rows: the loss is the same).
+  # 13 eval records: process 0 has one batch more than process 1, which must
+  # then feed an empty batch to the collective eval step.
+  eval_file = str(tmp_path / 'eval13.jsonl')
+  with open(small_data()[1], encoding='utf-8') as f, open(eval_file, 'w', encoding='utf-8') as g:
+    g.writelines(f.readlines()[:13])
   in_order = ('--config.data.shuffle=False', '--config.pack=False',
-              '--config.batch.max_examples=4')
+              '--config.batch.max_examples=4', f'--config.data.eval_files={eval_file}',
+              '--config.train.eval_batches=0')
   single = str(tmp_path / 'single')
   run_training(single, *in_order, steps=2)
   port = _free_port()
@@ -71,7 +77,7 @@ def test_two_processes_match_one_process(tmp_path):
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
   expected, got = read_metrics(single), read_metrics(str(tmp_path / 'multi'))
-  assert len(got) == len(expected)
+  assert len(got) == len(expected) and 'eval/loss' in expected[-1]
   for e, g in zip(expected, got):
     for key in ('loss', 'eval/loss'):
       if key in e:
