@@ -42,6 +42,18 @@ def _mask(s, q_seg, q_br, q_idx, k_seg, k_br, k_idx):
   return jnp.where(ok, s, -jnp.inf)
 
 
+def _kv_block_scores(q, q_seg, q_br, q_idx, k_ref, v_ref, seg_ref, br_ref, j, *,
+                     block_kv, scale2, masked):
+  """Loads kv block ``j``; returns ``(k, v, scores)`` in base 2, masked if partial."""
+  k_span = pl.ds(j * block_kv, block_kv)
+  k, v = k_ref[k_span, :], v_ref[k_span, :]
+  s = _dot(q, k, NT) * scale2
+  if masked:
+    k_idx = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+    s = _mask(s, q_seg, q_br, q_idx, seg_ref[k_span], br_ref[k_span], k_idx)
+  return k, v, s
+
+
 def _visit_lists(body, full, count, carry):
   """Runs ``body(t, carry, masked)`` over FULL then PARTIAL list entries."""
   carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
@@ -66,13 +78,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, br_ref, blocks_ref, full_ref,
 
   def body(t, carry, masked):
     acc, m, l = carry
-    j = blocks_ref[t]
-    k_span = pl.ds(j * block_kv, block_kv)
-    k, v = k_ref[k_span, :], v_ref[k_span, :]
-    s = _dot(q, k, NT) * scale2
-    if masked:
-      k_idx = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-      s = _mask(s, q_seg, q_br, q_idx, seg_ref[k_span], br_ref[k_span], k_idx)
+    k, v, s = _kv_block_scores(q, q_seg, q_br, q_idx, k_ref, v_ref, seg_ref, br_ref,
+                               blocks_ref[t], block_kv=block_kv, scale2=scale2,
+                               masked=masked)
     m_next = jnp.maximum(m, s.max(axis=1))
     # Rows with no visible key yet keep m = -inf: subtract 0 there, not -inf.
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
@@ -143,13 +151,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, br_ref, do_ref, lse_ref, delta_ref,
   scale2 = sm_scale * LOG2_E
 
   def body(t, dq, masked):
-    j = blocks_ref[t]
-    k_span = pl.ds(j * block_kv, block_kv)
-    k, v = k_ref[k_span, :], v_ref[k_span, :]
-    s = _dot(q, k, NT) * scale2
-    if masked:
-      k_idx = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-      s = _mask(s, q_seg, q_br, q_idx, seg_ref[k_span], br_ref[k_span], k_idx)
+    k, v, s = _kv_block_scores(q, q_seg, q_br, q_idx, k_ref, v_ref, seg_ref, br_ref,
+                               blocks_ref[t], block_kv=block_kv, scale2=scale2,
+                               masked=masked)
     p = jnp.exp2(s - lse[:, None])
     ds = p * (_dot(do, v, NT) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)

@@ -74,6 +74,21 @@ def _params(n_parallel: int, n_arbitrary: int):
 # ----------------------------------------------------------------- forward
 
 
+def _kv_list_maps(groups: int):
+  """Index maps of a grid ``(b, h, q block i, list slot t)`` walking each q
+  block's kv list (the scalar-prefetched ``blocks``): q, kv, q ids, kv ids."""
+
+  def kv_map(b, h, i, t, blocks, full, count):
+    return b, _div(h, groups), blocks[b, i, t], 0
+
+  def kv_ids_map(b, h, i, t, blocks, full, count):
+    return b, 0, blocks[b, i, t]
+
+  q_map = lambda b, h, i, t, *_: (b, h, i, 0)
+  q_ids_map = lambda b, h, i, t, *_: (b, i, 0)
+  return q_map, kv_map, q_ids_map, kv_ids_map
+
+
 def _fwd_kernel(blocks_ref, full_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref,
                 qbr_ref, kseg_ref, kbr_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,
                 *, sm_scale, block_q, block_kv, num_slots):
@@ -131,15 +146,7 @@ def forward(q, k, v, segment_ids, branch_ids, meta: BlockMetadata, *,
   nq, nk = seq // block_q, seq // block_kv
   seg_col, br_col = as_columns(segment_ids), as_columns(branch_ids)
   seg_row, br_row = as_rows(segment_ids), as_rows(branch_ids)
-
-  def kv_map(b, h, i, t, blocks, full, count):
-    return b, _div(h, groups), blocks[b, i, t], 0
-
-  def kv_ids_map(b, h, i, t, blocks, full, count):
-    return b, 0, blocks[b, i, t]
-
-  q_map = lambda b, h, i, t, *_: (b, h, i, 0)
-  q_ids_map = lambda b, h, i, t, *_: (b, i, 0)
+  q_map, kv_map, q_ids_map, kv_ids_map = _kv_list_maps(groups)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
       grid=(batch, heads, nq, nk),
@@ -261,16 +268,8 @@ def backward(q, k, v, segment_ids, branch_ids, o, lse, do, meta: BlockMetadata,
   nq, nk = seq // block_q, seq // block_kv
   seg_col, br_col = as_columns(segment_ids), as_columns(branch_ids)
   seg_row, br_row = as_rows(segment_ids), as_rows(branch_ids)
-
   # dq: like the forward, walking the kv lists.
-  def kv_map(b, h, i, t, blocks, full, count):
-    return b, _div(h, groups), blocks[b, i, t], 0
-
-  def kv_ids_map(b, h, i, t, blocks, full, count):
-    return b, 0, blocks[b, i, t]
-
-  q_map = lambda b, h, i, t, *_: (b, h, i, 0)
-  q_ids_map = lambda b, h, i, t, *_: (b, i, 0)
+  q_map, kv_map, q_ids_map, kv_ids_map = _kv_list_maps(groups)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, sm_scale=sm_scale, block_q=block_q,
                         block_kv=block_kv, num_slots=nk),
