@@ -67,7 +67,7 @@ def make_train_step(s: StepSettings, tx: optax.GradientTransformation) -> Callab
     (_, metrics), grads = grad_fn(state['params'], reference_params, batch, s)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
 
   return train_step
