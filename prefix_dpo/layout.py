@@ -11,8 +11,8 @@ Two layouts of the same examples:
   every response is scored from the logits of the last prompt token: no token
   is duplicated.
 
-Sequences are placed whole into rows of ``seq_len`` (first fit, in order) and
-rows are padded with segment 0. All functions here are pure numpy.
+Sequences are placed whole into rows of ``seq_len`` (first fit in order, or
+where a packer says) and rows are padded with segment 0. All functions here are pure numpy.
 
 Log-prob bookkeeping is aligned with the tokens: for every response token at
 row index ``j``, ``logit_index[j]`` is the row index whose logits predict it
@@ -99,8 +99,8 @@ def sequence_lengths(example: Example, layout: str, index: int = 0) -> list[int]
 
 def build_batch(examples: Sequence[Example], *, layout: str, seq_len: int,
                 num_rows: int | None = None, max_examples: int | None = None,
-                num_responses: int | None = None,
-                pack: bool = True) -> dict[str, np.ndarray]:
+                num_responses: int | None = None, pack: bool = True,
+                placement: Sequence[int] | None = None) -> dict[str, np.ndarray]:
   """Lays out ``examples`` into rows of ``seq_len`` tokens.
 
   Args:
@@ -112,8 +112,12 @@ def build_batch(examples: Sequence[Example], *, layout: str, seq_len: int,
     max_examples: fixed number of example slots (static shapes with packing);
       ``None`` = ``len(examples)``. Unused slots are masked out.
     num_responses: responses per example slot; ``None`` = the largest N.
-    pack: place several sequences per row (first fit); ``False`` = one
-      sequence per row, as unpacked trainers do.
+    pack: place several sequences per row; ``False`` = one sequence per
+      row, as unpacked trainers do.
+    placement: the row of every sequence, in sequence order (examples in
+      order; a ``paired`` example's sequences in response order), as a packer
+      chose it; ``None`` = :func:`first_fit` in that order. Within a row,
+      sequences are written in sequence order.
   Returns:
     ``input_ids``, ``positions``, ``segment_ids``, ``branch_ids``,
     ``logit_index``, ``target_slot``: ``[rows, seq_len]`` int32;
@@ -137,7 +141,14 @@ def build_batch(examples: Sequence[Example], *, layout: str, seq_len: int,
       raise ValueError(f'example {i}: has {len(ex.responses)} responses, '
                        f'more than num_responses={n}')
 
-  rows_of = _first_fit(seqs, seq_len, num_rows, pack)
+  for seq in seqs:
+    if seq.length > seq_len:
+      raise ValueError(f'example {seq.example}: sequence of {seq.length} tokens '
+                       f'does not fit in seq_len={seq_len}')
+  if placement is None:
+    rows_of = _first_fit_all(seqs, seq_len, num_rows, pack)
+  else:
+    rows_of = _check_placement(seqs, placement, seq_len, num_rows, pack)
   rows = max(rows_of, default=-1) + 1 if num_rows is None else num_rows
   batch = {key: np.zeros((rows, seq_len), np.int32) for key in ROW_KEYS}
   batch['target_slot'][:] = -1
@@ -154,26 +165,60 @@ def build_batch(examples: Sequence[Example], *, layout: str, seq_len: int,
   return batch
 
 
-def _first_fit(seqs: list[_Sequence], seq_len: int, num_rows: int | None,
-               pack: bool) -> list[int]:
-  """Row of every sequence: the first row with room, in order (or a new row)."""
+def first_fit(lengths: Sequence[int], free: list[int], *, seq_len: int,
+              num_rows: int | None, pack: bool = True) -> list[int] | None:
+  """Rows for sequences of ``lengths`` placed together: each in the first row with room.
+
+  ``free`` is the room left in each opened row; a sequence that fits in none
+  opens a new row (``pack=False``: always). Updates ``free`` in place and
+  returns the rows, or returns None and leaves ``free`` as it was when the
+  sequences need more than ``num_rows`` rows.
+  """
+  trial = list(free)
+  rows = []
+  for length in lengths:
+    row = next((r for r, room in enumerate(trial) if room >= length), None) if pack else None
+    if row is None:
+      if num_rows is not None and len(trial) >= num_rows:
+        return None
+      trial.append(seq_len)
+      row = len(trial) - 1
+    trial[row] -= length
+    rows.append(row)
+  free[:] = trial
+  return rows
+
+
+def _first_fit_all(seqs: list[_Sequence], seq_len: int, num_rows: int | None,
+                   pack: bool) -> list[int]:
+  """Row of every sequence by :func:`first_fit`, in order."""
   free: list[int] = []
   placement = []
   for seq in seqs:
-    if seq.length > seq_len:
-      raise ValueError(f'example {seq.example}: sequence of {seq.length} tokens '
-                       f'does not fit in seq_len={seq_len}')
-    fits = (r for r, room in enumerate(free) if room >= seq.length)
-    row = next(fits, None) if pack else None
-    if row is None:
-      if num_rows is not None and len(free) >= num_rows:
-        raise ValueError(f'example {seq.example}: does not fit in {num_rows} '
-                         f'rows of {seq_len} tokens')
-      free.append(seq_len)
-      row = len(free) - 1
-    free[row] -= seq.length
-    placement.append(row)
+    rows = first_fit([seq.length], free, seq_len=seq_len, num_rows=num_rows, pack=pack)
+    if rows is None:
+      raise ValueError(f'example {seq.example}: does not fit in {num_rows} '
+                       f'rows of {seq_len} tokens')
+    placement += rows
   return placement
+
+
+def _check_placement(seqs: list[_Sequence], placement: Sequence[int], seq_len: int,
+                     num_rows: int | None, pack: bool) -> list[int]:
+  """``placement`` as a list, after checking that every row holds its sequences."""
+  rows_of = [int(r) for r in placement]
+  if len(rows_of) != len(seqs):
+    raise ValueError(f'placement has {len(rows_of)} rows for {len(seqs)} sequences')
+  used: dict[int, int] = {}
+  for seq, row in zip(seqs, rows_of):
+    if row < 0 or (num_rows is not None and row >= num_rows):
+      raise ValueError(f'example {seq.example}: placed in row {row}, outside '
+                       f'{num_rows} rows')
+    used[row] = used.get(row, 0) + (seq.length if pack else seq_len)
+    if used[row] > seq_len:
+      raise ValueError(f'example {seq.example}: row {row} overflows seq_len={seq_len}'
+                       + ('' if pack else ' (pack=False: one sequence per row)'))
+  return rows_of
 
 
 def _write(batch: dict[str, np.ndarray], seq: _Sequence, row: int, start: int,

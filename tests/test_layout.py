@@ -65,6 +65,27 @@ def test_packing_places_several_examples_per_row_with_distinct_segments():
   np.testing.assert_array_equal(batch['logit_index'][0, [2, 3]], [1, 1])
 
 
+def test_an_explicit_placement_is_honoured_and_checked():
+  examples = [Example([1, 2], [[3], [4, 5]]), Example([6], [[7], [8]])]
+  # paired: sequences (0,0) (0,1) (1,0) (1,1), each row written in that order.
+  batch = layout.build_batch(examples, layout='paired', seq_len=6, num_rows=2,
+                             placement=[1, 0, 0, 1])
+  np.testing.assert_array_equal(batch['input_ids'], [[1, 2, 4, 5, 6, 7], [1, 2, 3, 6, 8, 0]])
+  np.testing.assert_array_equal(batch['segment_ids'][1], [1, 1, 1, 2, 2, 0])
+  np.testing.assert_array_equal(batch['response_row'], [1, 0, 0, 1])
+  np.testing.assert_array_equal(batch['response_end'], [2, 3, 5, 4])
+  build = lambda placement, **kw: layout.build_batch(
+      examples, layout='paired', seq_len=6, num_rows=2, placement=placement, **kw)
+  with pytest.raises(ValueError, match='placement has 3 rows for 4 sequences'):
+    build([0, 0, 1])
+  with pytest.raises(ValueError, match='example 1: placed in row 2, outside 2 rows'):
+    build([1, 0, 0, 2])
+  with pytest.raises(ValueError, match='example 0: row 0 overflows seq_len=6'):
+    build([0, 0, 0, 1])
+  with pytest.raises(ValueError, match='one sequence per row'):
+    build([0, 1, 1, 0], pack=False)
+
+
 def test_static_shapes_pad_rows_and_example_slots():
   batch = layout.build_batch([Example([1], [[2], [3]])], layout='paired', seq_len=4,
                              num_rows=3, max_examples=2, num_responses=3)

@@ -5,21 +5,19 @@ examples and makes each batch of ``rows x seq_len`` tokens from them:
 
 1. the oldest buffered example goes first (so no example waits for ever:
    every example leaves within about ``buffer_size`` batches);
-2. ``prefix_shared`` (one sequence per example): row after row, the subset of
-   the buffer that fills the row best (an exact subset sum, :func:`_fill_rows`);
-   ``paired`` (an example's sequences may go to different rows): the others
-   longest first, each sequence into the first row with room (first fit
-   decreasing). Up to ``max_examples``; an example is placed whole (all its
-   sequences) or stays in the buffer.
+2. the buffer's examples fill groups of N rows (N = sequences per example:
+   1 for ``prefix_shared``, the responses for ``paired``), sequence ``k`` of
+   each in the group's row ``k``: group after group, the subset that fills it
+   best (an exact subset sum, :func:`_fill_rows`);
+3. then the others, longest first, into the first rows with room (first fit
+   decreasing: rows past the last whole group, and leftover room).
 
-The chosen examples go to :func:`prefix_dpo.layout.build_batch` in placement
-order with ``num_rows``/``max_examples``/``num_responses`` fixed, so the rows
-are those of the layout module (the one definition of rows): its first-fit
-placement of the same sequences in the same order is the one simulated here.
-With ``pack=False`` every sequence gets its own row and examples are taken in
-arrival order: ``min(max_examples, rows // sequences per example)`` examples
-per batch (``sequences per example`` = 1 for ``prefix_shared``, N for
-``paired``).
+Up to ``max_examples``; an example is placed whole (all its sequences) or
+stays in the buffer. The chosen examples and their rows go to
+:func:`prefix_dpo.layout.build_batch` with ``num_rows``/``max_examples``/
+``num_responses`` fixed, which writes the rows. With ``pack=False`` every
+sequence gets its own row and examples are taken in arrival order:
+``min(max_examples, rows // sequences per example)`` examples per batch.
 
 Grain's ``FirstFitPackIterDataset``/``BestFitPackIterDataset`` (0.2.18) pack
 per row and emit all their bins once one element does not fit; they cannot
@@ -113,44 +111,46 @@ class _PackedBatchIterator(grain.DatasetIterator):
       self._skips_in_a_row = 0
       self._buffer.append((int(index), prepared))
 
-  def _choose(self) -> list[int]:
-    """Buffer positions of the next batch's examples, in placement order."""
+  def _choose(self) -> tuple[list[int], list[int]]:
+    """Buffer positions of the next batch's examples, and the row of each of
+    their sequences (in :func:`prefix_dpo.layout.build_batch`'s order)."""
     lengths = [p.lengths for _, p in self._buffer]
-    if not self._pack:
-      order = list(range(len(lengths)))
-    elif all(len(ls) == 1 for ls in lengths):
-      order = _fill_rows([ls[0] for ls in lengths], self._seq_len, self._rows,
-                         self._max_examples)
-    else:  # paired: an example's sequences may go to different rows
-      order = [0] + sorted(range(1, len(lengths)), key=lambda i: -max(lengths[i]))
-    # The placement build_batch will make: any example that does not fit (the
-    # row filling above respects it, this is the check) stays in the buffer.
     free: list[int] = []  # room left in each opened row
-    chosen = []
+    chosen: list[int] = []
+    placement: list[int] = []
+    if self._pack:
+      chosen, placement, free = _fill_row_groups(lengths, self._seq_len, self._rows,
+                                                 self._max_examples)
+    # Then every example left, oldest (unpacked) or longest (packed) first,
+    # in the first rows with room; one that does not fit stays in the buffer.
+    taken = set(chosen)
+    rest = [i for i in range(len(lengths)) if i not in taken]
+    if self._pack:  # the oldest first still, when no group took it
+      rest.sort(key=lambda i: (i != 0, -max(lengths[i])))
     shortest = min(min(ls) for ls in lengths)
-    for i in order:
-      placed = _first_fit(free, lengths[i], self._seq_len, self._rows, self._pack)
-      if placed is not None:
-        free = placed
+    for i in rest:
+      if len(chosen) == self._max_examples or (
+          len(free) == self._rows and (not self._pack or max(free) < shortest)):
+        break  # nothing else can go in
+      rows = layout_lib.first_fit(lengths[i], free, seq_len=self._seq_len,
+                                  num_rows=self._rows, pack=self._pack)
+      if rows is not None:
         chosen.append(i)
-        if len(chosen) == self._max_examples:
-          break
-      if len(free) == self._rows and (not self._pack or max(free) < shortest):
-        break  # nothing else can fit
-    return chosen
+        placement += rows
+    return chosen, placement
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._fill()
     if not self._buffer:
       raise StopIteration
-    chosen = self._choose()
+    chosen, placement = self._choose()
     picked = [self._buffer[i] for i in chosen]
     keep = set(chosen)
     self._buffer = [b for i, b in enumerate(self._buffer) if i not in keep]
     batch = layout_lib.build_batch(
         [p.example for _, p in picked], layout=self._layout, seq_len=self._seq_len,
         num_rows=self._rows, max_examples=self._max_examples,
-        num_responses=self._num_responses, pack=self._pack)
+        num_responses=self._num_responses, pack=self._pack, placement=placement)
     example_id = np.full((self._max_examples,), -1, np.int64)
     example_id[:len(picked)] = [p.record_id for _, p in picked]
     batch['example_id'] = example_id
@@ -160,38 +160,46 @@ class _PackedBatchIterator(grain.DatasetIterator):
     return batch
 
 
-def _first_fit(free: list[int], lengths: tuple[int, ...], seq_len: int, rows: int,
-               pack: bool) -> list[int] | None:
-  """``free`` after placing all of one example's sequences, or None if one does not fit.
+def _fill_row_groups(lengths: list[tuple[int, ...]], seq_len: int, rows: int,
+                     max_examples: int) -> tuple[list[int], list[int], list[int]]:
+  """Fills groups of ``g`` rows, ``g`` = the most sequences of an example.
 
-  The same rule as ``layout.build_batch``: the first row with room, else a new row.
+  Sequence ``k`` of every example of a group goes to the group's row ``k``,
+  so an example takes ``max(its lengths)`` tokens of each row of its group,
+  and :func:`_fill_rows` fills a group's rows together (``prefix_shared``:
+  ``g = 1``, rows one by one). A ``paired`` example's sequences differ only
+  in their responses, so this wastes only their small length differences.
+  Rows past the last whole group are left for the caller.
+
+  Returns the chosen buffer positions, the row of each of their sequences and
+  the room left in each row of the groups.
   """
-  free = list(free)
-  for length in lengths:
-    row = next((r for r, room in enumerate(free) if room >= length), None) if pack else None
-    if row is None:
-      if len(free) >= rows:
-        return None
-      free.append(seq_len)
-      row = len(free) - 1
-    free[row] -= length
-  return free
+  group = max(len(ls) for ls in lengths)
+  size = [max(ls) for ls in lengths]
+  chosen, placement = [], []
+  free = [seq_len] * (rows // group * group)
+  for g, members in enumerate(_fill_rows(size, seq_len, rows // group, max_examples)):
+    for i in members:
+      chosen.append(i)
+      for k, length in enumerate(lengths[i]):
+        placement.append(g * group + k)
+        free[g * group + k] -= length
+  return chosen, placement, free
 
 
-def _fill_rows(lengths: list[int], seq_len: int, rows: int, max_examples: int) -> list[int]:
+def _fill_rows(lengths: list[int], seq_len: int, rows: int,
+               max_examples: int) -> list[list[int]]:
   """Row by row, the subset of the buffer that fills the row best (exact).
 
   A cardinality-capped subset sum on bitsets (bit ``s`` of ``reach[k]``: some
   ``k`` examples sum to ``s`` tokens), about ``len(lengths) * cap`` big-int
   operations per row. The oldest example (position 0) is always in row 0; ties
   go to older examples. Each row holds at most ``ceil(examples left / rows
-  left)`` examples, so ``max_examples`` spreads over the rows. Returns buffer
-  positions row after row. A row filled to the best sum leaves no room that
-  any example left could fill, so first fit over this order (what
-  ``build_batch`` does) puts every example in the row chosen here.
+  left)`` examples, so ``max_examples`` spreads over the rows. Returns the
+  buffer positions of each row's examples.
   """
   remaining = list(range(len(lengths)))
-  order: list[int] = []
+  filled: list[list[int]] = []
   budget = max_examples
   for r in range(rows):
     if budget <= 0 or not remaining:
@@ -219,8 +227,8 @@ def _fill_rows(lengths: list[int], seq_len: int, rows: int, max_examples: int) -
         total -= lengths[candidates[j]]
         k -= 1
     row = forced + picked[::-1]
-    order += row
+    filled.append(row)
     budget -= len(row)
     taken = set(row)
     remaining = [i for i in remaining if i not in taken]
-  return order
+  return filled
