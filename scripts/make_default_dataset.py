@@ -1,6 +1,7 @@
 """Makes the bundled default data set, data/default/{train,eval}.jsonl, from a seed.
 
 python scripts/make_default_dataset.py [--seed 0] [--train 3000] [--eval 300] [--out data/default]
+python scripts/make_default_dataset.py --responses 3 --out /tmp/ranked   # ranked variant
 
 Synthetic, conversational, multi-turn (TRL conversational format: ``prompt``
 is a message list, ``chosen``/``rejected`` one assistant message each). Early
@@ -12,6 +13,11 @@ so the responses alone say nothing: only reading the prompt tells them apart. Pr
 are several times longer than responses (~20-60 bytes), like Capybara/Tulu.
 The held-out split uses the same generator with a different stream of the
 same seed, so its conversations are new.
+
+With ``--responses N`` (N > 2) it writes the ``ranked`` format instead
+(``prompt``, ``responses``, ``scores``), for listwise losses: response k has
+about ``(N-1-k)/(N-1)`` of the value's digits right, in place (the others
+wrong and not in the value), and its score is the number of right digits.
 """
 from __future__ import annotations
 
@@ -68,7 +74,16 @@ def _value(rng: random.Random, digits: int, avoid: str = '') -> str:
       return value
 
 
-def make_example(rng: random.Random, index: int) -> dict:
+def _partly_right(rng: random.Random, true: str, right: int) -> str:
+  """``true`` with all but ``right`` of its digits (at random places) replaced
+  by digits it does not contain."""
+  keep = set(rng.sample(range(len(true)), right))
+  wrong = [d for d in '0123456789' if d not in true]
+  return ''.join(c if i in keep else rng.choice([d for d in wrong if i or d != '0'])
+                 for i, c in enumerate(true))
+
+
+def make_example(rng: random.Random, index: int, responses: int = 2) -> dict:
   """One conversation: state a fact, small talk, ask for it back."""
   kind, question, answer, statements, digits = FACTS[rng.randrange(len(FACTS))]
   true = _value(rng, digits)
@@ -85,14 +100,19 @@ def make_example(rng: random.Random, index: int) -> dict:
   for user, assistant in rng.sample(SMALL_TALK, rng.randint(0, 3)):
     prompt += [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': assistant}]
   prompt.append({'role': 'user', 'content': rng.choice(ASKS).format(question)})
+  if responses > 2:
+    right = [round(digits * (responses - 1 - k) / (responses - 1)) for k in range(responses)]
+    values = [_partly_right(rng, true, r) for r in right]
+    return {'id': index, 'kind': kind, 'prompt': prompt, 'scores': right,
+            'responses': [[{'role': 'assistant', 'content': answer.format(v)}] for v in values]}
   return {'id': index, 'kind': kind, 'prompt': prompt,
           'chosen': [{'role': 'assistant', 'content': answer.format(true)}],
           'rejected': [{'role': 'assistant', 'content': answer.format(other)}]}
 
 
-def generate(seed: int, count: int, stream: int) -> list[dict]:
+def generate(seed: int, count: int, stream: int, responses: int = 2) -> list[dict]:
   rng = random.Random(f'{seed}/{stream}')  # a string seed hashes the same on every run
-  return [make_example(rng, i) for i in range(count)]
+  return [make_example(rng, i, responses) for i in range(count)]
 
 
 def write(path: Path, records: list[dict]) -> None:
@@ -107,11 +127,15 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--train', type=int, default=3000)
   parser.add_argument('--eval', type=int, default=300)
+  parser.add_argument('--responses', type=int, default=2,
+                      help='responses per prompt; > 2 writes the ranked format')
   parser.add_argument('--out', default=str(Path(__file__).resolve().parents[1] / 'data' / 'default'))
   args = parser.parse_args(argv)
   out = Path(args.out)
-  write(out / 'train.jsonl', generate(args.seed, args.train, stream=0))
-  write(out / 'eval.jsonl', generate(args.seed, args.eval, stream=1))
+  if args.responses < 2:
+    parser.error(f'--responses must be >= 2, got {args.responses}')
+  write(out / 'train.jsonl', generate(args.seed, args.train, stream=0, responses=args.responses))
+  write(out / 'eval.jsonl', generate(args.seed, args.eval, stream=1, responses=args.responses))
   print(f'wrote {args.train} train and {args.eval} eval records to {out}')
 
 

@@ -49,13 +49,33 @@ def test_stats_error_is_one_line(tmp_path, capsys):
   assert err.startswith('error: data.train_files: no such file') and '\n' not in err
 
 
-def test_bundled_data_is_what_the_script_makes(tmp_path):
+def dataset_script():
   spec = importlib.util.spec_from_file_location('make_default_dataset',
                                                 ROOT / 'scripts' / 'make_default_dataset.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  module.main(['--out', str(tmp_path)])
+  return module
+
+
+def test_bundled_data_is_what_the_script_makes(tmp_path):
+  dataset_script().main(['--out', str(tmp_path)])
   for split in ('train', 'eval'):
     assert (tmp_path / f'{split}.jsonl').read_bytes() == (readers.BUNDLED_DIR / f'{split}.jsonl').read_bytes()
   size = sum(p.stat().st_size for p in readers.BUNDLED_DIR.iterdir())
   assert size < 4_000_000
+
+
+def test_the_ranked_variant_ranks_by_right_digits(tmp_path, capsys):
+  dataset_script().main(['--out', str(tmp_path), '--responses', '3', '--train', '40',
+                         '--eval', '4'])
+  records = [json.loads(line) for line in open(tmp_path / 'train.jsonl')]
+  for r in records:
+    value = lambda k: ''.join(c for c in r['responses'][k][0]['content'] if c.isdigit())
+    true = value(0)
+    assert true in r['prompt'][1]['content']
+    for k, score in enumerate(r['scores']):
+      assert sum(a == b for a, b in zip(value(k), true)) == score
+    assert r['scores'][0] > r['scores'][1] > r['scores'][2] == 0
+  capsys.readouterr()
+  result, _ = run(capsys, ['--data', str(tmp_path / 'train.jsonl'), '--num-responses', '3'])
+  assert result['format'] == 'ranked' and result['used'] == 40
