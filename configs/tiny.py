@@ -16,7 +16,7 @@ def get_config():
   c.loss.beta = 0.1
   c.optimizer.update(learning_rate=2e-3, warmup_steps=20, schedule='cosine',
                      weight_decay=0.0, grad_clip=1.0)
-  # Held-out reward accuracy climbs from 0.5 to ~0.9 between steps 100 and 300.
+  # Held-out reward accuracy: ~0.7 at step 100, ~0.98 at steps 200 and 300 (README, Losses).
   c.train.update(steps=300, log_every=10, eval_every=100, checkpoint_every=100,
                  keep_checkpoints=2, logprob_chunk=512)
   return c
