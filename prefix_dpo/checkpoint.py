@@ -3,7 +3,9 @@
 A checkpoint holds three items: ``state`` (params, optimiser state, step; a
 pytree of sharded arrays, saved asynchronously), ``data`` (the data iterator's
 JSON state) and ``config`` (the run's config as JSON, so a workdir is
-self-describing: :func:`load_policy` rebuilds the model from it).
+self-describing: :func:`load_policy` rebuilds the trained module from it, a
+:class:`~prefix_dpo.model.Decoder` or, for reward-model runs, a
+:class:`~prefix_dpo.reward_model.RewardModel`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from prefix_dpo import model as model_lib
+from prefix_dpo import losses, model as model_lib
+from prefix_dpo import reward_model as reward_model_lib
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -65,13 +68,27 @@ def restore_config(workdir: str, step: int | None = None) -> ml_collections.Conf
   return ml_collections.ConfigDict(config)
 
 
+def trained_module_type(config: ml_collections.ConfigDict
+                        ) -> type[model_lib.Decoder] | type[reward_model_lib.RewardModel]:
+  """The module a run trains: a RewardModel for reward-model losses, else a Decoder."""
+  return (reward_model_lib.RewardModel if losses.is_reward_model(config.loss)
+          else model_lib.Decoder)
+
+
 def load_policy(workdir: str, step: int | None = None
-                ) -> tuple[model_lib.Decoder, ml_collections.ConfigDict]:
-  """The trained policy of a workdir's checkpoint (latest by default), on host devices."""
+                ) -> tuple[model_lib.Decoder | reward_model_lib.RewardModel,
+                           ml_collections.ConfigDict]:
+  """The trained module of a workdir's checkpoint (latest by default), on host devices.
+
+  A Decoder, or a RewardModel (backbone and value head) when the run's loss
+  trains a reward model; both take ``(cfg, rngs=...)``, so one abstract
+  module gives the restore target for either.
+  """
   config = restore_config(workdir, step)
   model_cfg = model_lib.ModelConfig.from_dict(
       {k: v for k, v in config.model.to_dict().items() if k != 'hf_path'})
-  abstract = nnx.eval_shape(lambda: model_lib.Decoder(model_cfg, rngs=nnx.Rngs(0)))
+  module_type = trained_module_type(config)
+  abstract = nnx.eval_shape(lambda: module_type(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract, nnx.Param)
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
                                   options=ocp.CheckpointManagerOptions(read_only=True))

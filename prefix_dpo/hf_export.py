@@ -1,4 +1,4 @@
-"""Export a :class:`prefix_dpo.model.Decoder` as a Hugging Face model directory.
+"""Export a :class:`prefix_dpo.model.Decoder` (or a reward model) as a Hugging Face model directory.
 
 Writes ``config.json``, ``*.safetensors`` (split into several files with
 ``model.safetensors.index.json`` above ``max_shard_bytes``) and the tokenizer
@@ -6,15 +6,31 @@ files of a source directory, so ``transformers.AutoModelForCausalLM`` loads
 it and vLLM can serve it. Vocabulary padding is dropped. Each tensor is
 gathered to the host, converted and written on its own, so at most one
 tensor's worth of host memory is used beyond the open file.
+
+A :class:`prefix_dpo.reward_model.RewardModel` exports as the architecture's
+``*ForSequenceClassification`` (``AutoModelForSequenceClassification``) with
+one label: the backbone's tensors without ``lm_head``, and the value head
+``[hidden]`` as ``score.weight`` ``[1, hidden]`` (no bias in either). Our
+score of a response is the value head on the final hidden state of the
+response's last token, which the prefix-sharing mask makes equal to that of
+the standalone ``[prompt | response]`` sequence. Hugging Face's classifier
+applies ``score`` to every position and keeps, per row, the rightmost token
+that is not ``pad_token_id``; on ``[prompt | response]``, padded on either
+side with ``pad_token_id``, that is the response's last token, so the two
+scores agree, provided no response ends with the pad id (a pad id equal to
+the EOS that ends every response would shift the score to the token before
+it). ``config.json`` therefore always carries ``pad_token_id``, which
+transformers needs to score batches of more than one row.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -23,6 +39,7 @@ from jax.experimental import multihost_utils
 
 from prefix_dpo import hf_interop
 from prefix_dpo import model as model_lib
+from prefix_dpo import reward_model as reward_model_lib
 
 EXPORT_DTYPES = ('bfloat16', 'float32', 'float16')
 _SAFETENSORS_NAMES = {v: k for k, v in hf_interop.SAFETENSORS_DTYPES.items()}
@@ -38,6 +55,9 @@ _OURS = ('architectures', 'model_type', 'vocab_size', 'hidden_size', 'intermedia
          'sliding_window', 'use_sliding_window', 'layer_types', 'transformers_version',
          '_name_or_path')
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+# Each supported causal LM's Hugging Face class for a reward model (one label).
+SEQUENCE_CLASSIFIERS = {arch: arch.replace('ForCausalLM', 'ForSequenceClassification')
+                        for arch in hf_interop.ARCHITECTURES}
 
 
 def infer_architecture(cfg: model_lib.ModelConfig) -> str:
@@ -95,6 +115,68 @@ def hf_config(cfg: model_lib.ModelConfig, arch: str, dtype: str,
   return dict(sorted(out.items()))
 
 
+def reward_model_architectures(name: str) -> tuple[str, str]:
+  """``(causal LM, sequence classifier)`` named by either, e.g. ``'LlamaForCausalLM'``."""
+  for causal, classifier in SEQUENCE_CLASSIFIERS.items():
+    if name in (causal, classifier):
+      return causal, classifier
+  raise ValueError(f'no sequence-classification architecture for {name!r} to export a '
+                   f'reward model as; supported: {", ".join(SEQUENCE_CLASSIFIERS.values())}')
+
+
+def reward_model_config(config: dict[str, Any], classifier: str,
+                        pad_token_id: int | None) -> dict[str, Any]:
+  """:func:`hf_config`'s ``config`` as a one-label ``classifier``.
+
+  ``id2label`` / ``label2id`` are how transformers stores ``num_labels=1``;
+  ``pad_token_id`` (default: the one ``config`` took from the source) is how
+  its classifier finds each row's last token.
+  """
+  pad_token_id = config.get('pad_token_id') if pad_token_id is None else pad_token_id
+  if pad_token_id is None:
+    raise ValueError("a reward model needs pad_token_id (Hugging Face's classifier finds "
+                     "each row's last token by it); the source config.json has none")
+  if not 0 <= pad_token_id < config['vocab_size']:
+    raise ValueError(f'pad_token_id={pad_token_id} is not a token id (vocab_size '
+                     f'{config["vocab_size"]})')
+  return dict(sorted({**config, 'architectures': [classifier], 'id2label': {'0': 'LABEL_0'},
+                      'label2id': {'LABEL_0': 0}, 'pad_token_id': pad_token_id}.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One Hugging Face tensor to write."""
+  name: str
+  shape: tuple[int, ...]
+  value: Callable[[], np.ndarray]  # gathers and converts it (collective on several hosts)
+
+
+def _decoder_tensors(decoder: model_lib.Decoder, *, with_lm_head: bool) -> list[_Tensor]:
+  """The decoder's tensors in HF order: embeddings, layers by number, final norm, head."""
+  cfg = decoder.cfg
+  sources = hf_interop.param_sources(cfg)
+  if not with_lm_head:
+    sources.pop(('lm_head',), None)
+  variables = dict(nnx.to_flat_state(nnx.state(decoder, nnx.Param)))
+  groups = {'embed': 0, 'layers': 1, 'final_norm': 2, 'lm_head': 3}
+  keys = sorted(sources, key=lambda k: (groups[k[0]], k[1] if k[0] == 'layers' else 0,
+                                        sources[k][0]))
+
+  def tensor(key: tuple[Any, ...]) -> _Tensor:
+    name, kind = sources[key]
+    return _Tensor(name, hf_interop.hf_shape(kind, tuple(variables[key].shape), cfg.vocab_size),
+                   lambda: hf_interop.to_hf(_to_host(variables[key][...]), kind, cfg.vocab_size))
+
+  return [tensor(key) for key in keys]
+
+
+def _reward_model_tensors(model: reward_model_lib.RewardModel) -> list[_Tensor]:
+  """The backbone's tensors without ``lm_head`` (a classifier has none), then ``score``."""
+  head = model.value_head
+  score = _Tensor('score.weight', (1, *head.shape), lambda: _to_host(head[...])[None, :])
+  return _decoder_tensors(model.backbone, with_lm_head=False) + [score]
+
+
 def _to_host(x: jax.Array) -> np.ndarray:
   """The full value of a (possibly multi-host sharded) array on this host."""
   if x.is_fully_addressable:
@@ -149,15 +231,17 @@ def copy_tokenizer_files(src: str, out_dir: str) -> list[str]:
   return sorted(copied)
 
 
-def export_hf(model: model_lib.Decoder, out_dir: str, *, tokenizer_dir: str | None = None,
-              source_dir: str | None = None, dtype: str = 'bfloat16',
-              architecture: str | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+def export_hf(model: model_lib.Decoder | reward_model_lib.RewardModel, out_dir: str, *,
+              tokenizer_dir: str | None = None, source_dir: str | None = None,
+              dtype: str = 'bfloat16', architecture: str | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              pad_token_id: int | None = None) -> str:
   """Writes ``model`` as a Hugging Face model directory; returns ``out_dir``.
 
   Args:
-    model: the Decoder (any sharding; on several hosts every process must
-      call this, process 0 writes).
+    model: the Decoder, or a RewardModel (exported as ``*ForSequenceClassification``;
+      see the module docstring). Any sharding; on several hosts every process
+      must call this, process 0 writes.
     out_dir: created if missing; existing weight files there are replaced.
     tokenizer_dir: a directory whose tokenizer files are copied; defaults to
       ``source_dir``.
@@ -166,29 +250,33 @@ def export_hf(model: model_lib.Decoder, out_dir: str, *, tokenizer_dir: str | No
       fields (token ids, ``max_position_embeddings``), and its
       ``generation_config.json`` is copied.
     dtype: ``'bfloat16'`` (the usual), ``'float32'`` or ``'float16'``.
-    architecture: e.g. ``'MistralForCausalLM'``; default: the source's, else
+    architecture: e.g. ``'MistralForCausalLM'`` (for a reward model this or
+      ``'MistralForSequenceClassification'``); default: the source's, else
       inferred from the config (:func:`infer_architecture`).
     max_shard_bytes: above this the weights are split over several files.
+    pad_token_id: reward models only, and required for them unless the
+      source's ``config.json`` has one: the id that pads rows, which no
+      response may end with.
   """
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f'dtype={dtype!r}; expected one of {EXPORT_DTYPES}')
+  is_reward_model = isinstance(model, reward_model_lib.RewardModel)
   cfg = model.cfg
   base = hf_interop.read_hf_config(source_dir) if source_dir else {}
   if architecture is None:
     architecture = hf_interop.architecture_of(base) if base else infer_architecture(cfg)
   arch = architecture
+  if is_reward_model:
+    arch, classifier = reward_model_architectures(architecture)
   check_exportable(cfg, arch)
+  config = hf_config(cfg, arch, dtype, base)
+  if is_reward_model:
+    config = reward_model_config(config, classifier, pad_token_id)
   np_dtype = np.dtype(model_lib.DTYPES[dtype])
-  sources = hf_interop.param_sources(cfg)
-  variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  # HF order: embeddings, layers by number, final norm, head.
-  groups = {'embed': 0, 'layers': 1, 'final_norm': 2, 'lm_head': 3}
-  keys = sorted(sources, key=lambda k: (groups[k[0]], k[1] if k[0] == 'layers' else 0,
-                                        sources[k][0]))
-  names = [sources[k][0] for k in keys]
-  shapes = [hf_interop.hf_shape(sources[k][1], tuple(variables[k].shape), cfg.vocab_size)
-            for k in keys]
-  shards = _plan_shards(list(zip(names, shapes)), np_dtype.itemsize, max_shard_bytes)
+  tensors = (_reward_model_tensors(model) if is_reward_model
+             else _decoder_tensors(model, with_lm_head=True))
+  shards = _plan_shards([(t.name, t.shape) for t in tensors], np_dtype.itemsize,
+                        max_shard_bytes)
   files = (['model.safetensors'] if len(shards) == 1 else
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
   writer = jax.process_index() == 0
@@ -198,28 +286,24 @@ def export_hf(model: model_lib.Decoder, out_dir: str, *, tokenizer_dir: str | No
       if stale.endswith('.safetensors') or stale == hf_interop.INDEX_FILE:
         os.remove(os.path.join(out_dir, stale))
 
-  def produce(i: int) -> np.ndarray:
-    key = keys[i]
-    return hf_interop.to_hf(_to_host(variables[key][...]), sources[key][1], cfg.vocab_size)
-
   weight_map = {}
   for file, members in zip(files, shards):
     if writer:
-      _write_safetensors(os.path.join(out_dir, file), [names[i] for i in members],
-                         [shapes[i] for i in members], np_dtype,
-                         lambda j, members=members: produce(members[j]))
+      _write_safetensors(os.path.join(out_dir, file), [tensors[i].name for i in members],
+                         [tensors[i].shape for i in members], np_dtype,
+                         lambda j, members=members: tensors[members[j]].value())
     else:  # the gathers are collective: other processes take part too
       for i in members:
-        produce(i)
-    weight_map.update({names[i]: file for i in members})
+        tensors[i].value()
+    weight_map.update({tensors[i].name: file for i in members})
   if not writer:
     return out_dir
   if len(files) > 1:
-    total = sum(math.prod(s) * np_dtype.itemsize for s in shapes)
+    total = sum(math.prod(t.shape) * np_dtype.itemsize for t in tensors)
     with open(os.path.join(out_dir, hf_interop.INDEX_FILE), 'w') as f:
       json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(hf_config(cfg, arch, dtype, base), f, indent=2)
+    json.dump(config, f, indent=2)
   if source_dir and os.path.isfile(os.path.join(source_dir, 'generation_config.json')):
     shutil.copyfile(os.path.join(source_dir, 'generation_config.json'),
                     os.path.join(out_dir, 'generation_config.json'))
