@@ -108,19 +108,15 @@ class Run:
   # -- model and steps ------------------------------------------------------
   def _build_model(self, max_targets: int | None) -> None:
     c, cfg = self.c, self.model_cfg
-    if losses.is_reward_model(c.loss):
-      from prefix_dpo import reward_model  # pylint: disable=g-import-not-at-top
-      build = lambda: reward_model.RewardModel(cfg, rngs=nnx.Rngs(c.seed))
-    else:
-      build = lambda: model_lib.Decoder(cfg, rngs=nnx.Rngs(c.seed))
+    module_type = checkpoint_lib.trained_module_type(c)
     if c.model.hf_path:
       from prefix_dpo import hf_interop  # pylint: disable=g-import-not-at-top
       module = hf_interop.load_pretrained(c.model.hf_path, cfg, mesh=self.mesh)
-      if losses.is_reward_model(c.loss):
-        from prefix_dpo import reward_model  # pylint: disable=g-import-not-at-top
-        module = reward_model.RewardModel.from_decoder(module, rngs=nnx.Rngs(c.seed))
+      if module_type is not model_lib.Decoder:  # a new value head on the pretrained model
+        module = module_type.from_decoder(module, rngs=nnx.Rngs(c.seed))
     else:
-      module = sharding.create_sharded(build, self.mesh)
+      module = sharding.create_sharded(lambda: module_type(cfg, rngs=nnx.Rngs(c.seed)),
+                                       self.mesh)
     graphdef, params = nnx.split(module)
     params = nnx.to_pure_dict(params)
     self.settings = step_lib.StepSettings(
