@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,22 +36,30 @@ def _dot(a, b, dims=NN):
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _mask(s, q_seg, q_br, q_idx, k_seg, k_br, k_idx):
+# Segment ids, branch ids and positions of the tokens of one block, each [block].
+BlockIds = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def _block_ids(seg_ref, br_ref, n, block: int) -> BlockIds:
+  """The ids of block ``n`` of size ``block``, from the row's [seq] id refs."""
+  span = pl.ds(n * block, block)
+  return seg_ref[span], br_ref[span], n * block + jnp.arange(block, dtype=jnp.int32)
+
+
+def _mask(s, q_ids: BlockIds, k_ids: BlockIds):
   """``s`` [bq, bkv] with disallowed entries at -inf."""
-  ok = masks.allowed(q_seg[:, None], q_br[:, None], q_idx[:, None],
-                     k_seg[None, :], k_br[None, :], k_idx[None, :])
+  ok = masks.allowed(*(x[:, None] for x in q_ids), *(x[None, :] for x in k_ids))
   return jnp.where(ok, s, -jnp.inf)
 
 
-def _kv_block_scores(q, q_seg, q_br, q_idx, k_ref, v_ref, seg_ref, br_ref, j, *,
+def _kv_block_scores(q, q_ids: BlockIds, k_ref, v_ref, seg_ref, br_ref, j, *,
                      block_kv, scale2, masked):
   """Loads kv block ``j``; returns ``(k, v, scores)`` in base 2, masked if partial."""
   k_span = pl.ds(j * block_kv, block_kv)
   k, v = k_ref[k_span, :], v_ref[k_span, :]
   s = _dot(q, k, NT) * scale2
   if masked:
-    k_idx = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-    s = _mask(s, q_seg, q_br, q_idx, seg_ref[k_span], br_ref[k_span], k_idx)
+    s = _mask(s, q_ids, _block_ids(seg_ref, br_ref, j, block_kv))
   return k, v, s
 
 
@@ -64,6 +73,37 @@ def _params(num_warps, num_stages):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+class _QWalkSpecs(NamedTuple):
+  """Grid and block specs of a pass whose program ``(q block i, row b, head h)``
+  walks the kv blocks of q block ``i``: the forward and the dq pass."""
+  grid: tuple[int, int, int]
+  inputs: list[pl.BlockSpec]  # q, k, v, segment_ids, branch_ids
+  lists: list[pl.BlockSpec]  # kv_blocks, kv_full, kv_count
+  q_block: pl.BlockSpec  # [block_q, head_dim] of q, o, do, dq
+  q_stats: pl.BlockSpec  # [block_q] of lse2, delta
+
+
+def _q_walk_specs(q_shape: tuple[int, int, int, int], groups: int, block_q: int,
+                  block_kv: int) -> _QWalkSpecs:
+  """Specs for q ``[batch, seq, heads, head_dim]`` with ``groups`` query heads
+  per kv head."""
+  batch, seq, heads, head_dim = q_shape
+  nq, nk = seq // block_q, seq // block_kv
+  q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
+  # k, v: the whole row of the kv head that query head h reads, [seq, head_dim].
+  kv_row = pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0))
+  row = lambda i, b, h: (b, 0)
+  ids = pl.BlockSpec((None, seq), row)
+  per_q_block = pl.BlockSpec((None, nq), row)  # kv_full, kv_count of the row
+  return _QWalkSpecs(
+      grid=(nq, batch, heads),
+      inputs=[q_block, kv_row, kv_row, ids, ids],
+      lists=[pl.BlockSpec((None, None, nk), lambda i, b, h: (b, i, 0)),
+             per_q_block, per_q_block],
+      q_block=q_block,
+      q_stats=pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)))
+
+
 # ----------------------------------------------------------------- forward
 
 
@@ -72,15 +112,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, br_ref, blocks_ref, full_ref,
   i = pl.program_id(0)
   q = q_ref[...]
   head_dim = q.shape[-1]
-  q_span = pl.ds(i * block_q, block_q)
-  q_seg, q_br = seg_ref[q_span], br_ref[q_span]
-  q_idx = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  q_ids = _block_ids(seg_ref, br_ref, i, block_q)
 
   def body(t, carry, masked):
     acc, m, l = carry
-    k, v, s = _kv_block_scores(q, q_seg, q_br, q_idx, k_ref, v_ref, seg_ref, br_ref,
-                               blocks_ref[t], block_kv=block_kv, scale2=scale2,
-                               masked=masked)
+    k, v, s = _kv_block_scores(q, q_ids, k_ref, v_ref, seg_ref, br_ref, blocks_ref[t],
+                               block_kv=block_kv, scale2=scale2, masked=masked)
     m_next = jnp.maximum(m, s.max(axis=1))
     # Rows with no visible key yet keep m = -inf: subtract 0 there, not -inf.
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
@@ -104,30 +141,16 @@ def forward(q, k, v, segment_ids, branch_ids, meta: BlockMetadata, *,
             num_warps: int | None = None, num_stages: int = 2):
   """Returns ``(o [batch, seq, heads, head_dim], lse2 [batch, heads, seq])``."""
   batch, seq, heads, head_dim = q.shape
-  groups = heads // k.shape[2]
-  nq, nk = seq // block_q, seq // block_kv
   if num_warps is None:
     num_warps = 4 if head_dim <= 64 else 8
   kernel = functools.partial(_fwd_kernel, scale2=sm_scale * LOG2_E,
                              block_q=block_q, block_kv=block_kv)
-  row = lambda i, b, h: (b, 0)
+  specs = _q_walk_specs(q.shape, heads // k.shape[2], block_q, block_kv)
   return pl.pallas_call(
       kernel,
-      grid=(nq, batch, heads),
-      in_specs=[
-          pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
-          pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
-          pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
-          pl.BlockSpec((None, seq), row),
-          pl.BlockSpec((None, seq), row),
-          pl.BlockSpec((None, None, nk), lambda i, b, h: (b, i, 0)),
-          pl.BlockSpec((None, nq), row),
-          pl.BlockSpec((None, nq), row),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
-          pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
-      ],
+      grid=specs.grid,
+      in_specs=[*specs.inputs, *specs.lists],
+      out_specs=[specs.q_block, specs.q_stats],  # o, lse2
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)],
       compiler_params=_params(num_warps, num_stages),
@@ -145,15 +168,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, br_ref, do_ref, lse_ref, delta_ref,
   i = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
-  q_span = pl.ds(i * block_q, block_q)
-  q_seg, q_br = seg_ref[q_span], br_ref[q_span]
-  q_idx = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  q_ids = _block_ids(seg_ref, br_ref, i, block_q)
   scale2 = sm_scale * LOG2_E
 
   def body(t, dq, masked):
-    k, v, s = _kv_block_scores(q, q_seg, q_br, q_idx, k_ref, v_ref, seg_ref, br_ref,
-                               blocks_ref[t], block_kv=block_kv, scale2=scale2,
-                               masked=masked)
+    k, v, s = _kv_block_scores(q, q_ids, k_ref, v_ref, seg_ref, br_ref, blocks_ref[t],
+                               block_kv=block_kv, scale2=scale2, masked=masked)
     p = jnp.exp2(s - lse[:, None])
     ds = p * (_dot(do, v, NT) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
@@ -168,9 +188,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, br_ref, do_ref, lse_ref, delta_ref
                 block_q, block_kv, groups):
   j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]
-  k_span = pl.ds(j * block_kv, block_kv)
-  k_seg, k_br = seg_ref[k_span], br_ref[k_span]
-  k_idx = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+  k_ids = _block_ids(seg_ref, br_ref, j, block_kv)
   scale2 = sm_scale * LOG2_E
   full, count = full_ref[j], count_ref[j]
 
@@ -183,8 +201,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, br_ref, do_ref, lse_ref, delta_ref
       lse, delta = lse_ref[g, q_span], delta_ref[g, q_span]
       s = _dot(q, k, NT) * scale2
       if masked:
-        q_idx = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
-        s = _mask(s, seg_ref[q_span], br_ref[q_span], q_idx, k_seg, k_br, k_idx)
+        s = _mask(s, _block_ids(seg_ref, br_ref, i, block_q), k_ids)
       p = jnp.exp2(s - lse[:, None])
       dv = dv + _dot(p.astype(do.dtype).T, do)
       ds = p * (_dot(do, v, NT) - delta[:, None])
@@ -216,25 +233,15 @@ def backward(q, k, v, segment_ids, branch_ids, o, lse, do, meta: BlockMetadata,
   delta = jnp.einsum('bshd,bshd->bhs', o.astype(jnp.float32), do.astype(jnp.float32))
   params = _params(num_warps, num_stages)
 
-  row = lambda i, b, h: (b, 0)
+  specs = _q_walk_specs(q.shape, groups, block_q, block_kv)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, sm_scale=sm_scale, block_q=block_q,
                         block_kv=block_kv),
-      grid=(nq, batch, heads),
-      in_specs=[
-          pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
-          pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
-          pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, h // groups, 0)),
-          pl.BlockSpec((None, seq), row),
-          pl.BlockSpec((None, seq), row),
-          pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
-          pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
-          pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
-          pl.BlockSpec((None, None, nk), lambda i, b, h: (b, i, 0)),
-          pl.BlockSpec((None, nq), row),
-          pl.BlockSpec((None, nq), row),
-      ],
-      out_specs=pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
+      grid=specs.grid,
+      # The forward's operands with do, lse, delta before the lists.
+      in_specs=[*specs.inputs, specs.q_block, specs.q_stats, specs.q_stats,
+                *specs.lists],
+      out_specs=specs.q_block,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params,
       interpret=interpret,

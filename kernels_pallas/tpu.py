@@ -17,6 +17,7 @@ seq]``, "row") axis, as splash attention does, so that they broadcast against
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +72,22 @@ def _params(n_parallel: int, n_arbitrary: int):
       dimension_semantics=('parallel',) * n_parallel + ('arbitrary',) * n_arbitrary)
 
 
-# ----------------------------------------------------------------- forward
+class _QWalkSpecs(NamedTuple):
+  """Grid and block specs of a pass whose grid ``(b, h, q block i, list slot
+  t)`` walks each q block's kv list (the scalar-prefetched ``blocks``): the
+  forward and the dq pass."""
+  grid: tuple[int, int, int, int]
+  # q, k, v; q segment, branch ids (columns); kv segment, branch ids (rows).
+  inputs: list[pl.BlockSpec]
+  q_block: pl.BlockSpec  # [block_q, head_dim] of q, o, do, dq
+  q_stats: pl.BlockSpec  # [block_q, 128] of lse, delta (columns)
 
 
-def _kv_list_maps(groups: int):
-  """Index maps of a grid ``(b, h, q block i, list slot t)`` walking each q
-  block's kv list (the scalar-prefetched ``blocks``): q, kv, q ids, kv ids."""
+def _q_walk_specs(q_shape: tuple[int, int, int, int], groups: int, block_q: int,
+                  block_kv: int) -> _QWalkSpecs:
+  """Specs for q ``[batch, heads, seq, head_dim]`` with ``groups`` query heads
+  per kv head."""
+  batch, heads, seq, head_dim = q_shape
 
   def kv_map(b, h, i, t, blocks, full, count):
     return b, _div(h, groups), blocks[b, i, t], 0
@@ -86,12 +97,35 @@ def _kv_list_maps(groups: int):
 
   q_map = lambda b, h, i, t, *_: (b, h, i, 0)
   q_ids_map = lambda b, h, i, t, *_: (b, i, 0)
-  return q_map, kv_map, q_ids_map, kv_ids_map
+  q_block = pl.BlockSpec((None, None, block_q, head_dim), q_map)
+  kv_block = pl.BlockSpec((None, None, block_kv, head_dim), kv_map)
+  q_ids = pl.BlockSpec((None, block_q, LANES), q_ids_map)
+  kv_ids = pl.BlockSpec((None, SUBLANES, block_kv), kv_ids_map)
+  return _QWalkSpecs(
+      grid=(batch, heads, seq // block_q, seq // block_kv),
+      inputs=[q_block, kv_block, kv_block, q_ids, q_ids, kv_ids, kv_ids],
+      q_block=q_block,
+      q_stats=pl.BlockSpec((None, None, block_q, LANES), q_map))
+
+
+def _mask_q_major(s, i, j, qseg_ref, qbr_ref, kseg_ref, kbr_ref):
+  """``s`` [block_q, block_kv] of q block ``i`` and kv block ``j`` with
+  disallowed entries at -inf; q ids are columns, kv ids rows."""
+  block_q, block_kv = s.shape
+  ok = masks.allowed(
+      _widen(qseg_ref[...], block_kv), _widen(qbr_ref[...], block_kv),
+      i * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0),
+      kseg_ref[:1, :], kbr_ref[:1, :],
+      j * block_kv + lax.broadcasted_iota(jnp.int32, s.shape, 1))
+  return jnp.where(ok, s, -jnp.inf)
+
+
+# ----------------------------------------------------------------- forward
 
 
 def _fwd_kernel(blocks_ref, full_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref,
                 qbr_ref, kseg_ref, kbr_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,
-                *, sm_scale, block_q, block_kv, num_slots):
+                *, sm_scale, block_kv, num_slots):
   b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(t == 0)
@@ -104,13 +138,7 @@ def _fwd_kernel(blocks_ref, full_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref,
     j = blocks_ref[b, i, t]
     s = _dot(q_ref[...], k_ref[...], NT) * sm_scale  # [bq, bkv]
     if masked:
-      shape = (block_q, block_kv)
-      ok = masks.allowed(
-          _widen(qseg_ref[...], block_kv), _widen(qbr_ref[...], block_kv),
-          i * block_q + lax.broadcasted_iota(jnp.int32, shape, 0),
-          kseg_ref[:1, :], kbr_ref[:1, :],
-          j * block_kv + lax.broadcasted_iota(jnp.int32, shape, 1))
-      s = jnp.where(ok, s, -jnp.inf)
+      s = _mask_q_major(s, i, j, qseg_ref, qbr_ref, kseg_ref, kbr_ref)
     m_prev, l_prev = m_ref[...], l_ref[...]  # [bq, 128]
     m_next = jnp.maximum(m_prev, s.max(axis=-1)[:, None])
     # Rows with no visible key yet keep m = -inf: subtract 0 there, not -inf.
@@ -143,32 +171,20 @@ def forward(q, k, v, segment_ids, branch_ids, meta: BlockMetadata, *,
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [b, h, s, d]
   batch, heads, seq, head_dim = q.shape
   groups = heads // k.shape[1]
-  nq, nk = seq // block_q, seq // block_kv
   seg_col, br_col = as_columns(segment_ids), as_columns(branch_ids)
   seg_row, br_row = as_rows(segment_ids), as_rows(branch_ids)
-  q_map, kv_map, q_ids_map, kv_ids_map = _kv_list_maps(groups)
+  specs = _q_walk_specs(q.shape, groups, block_q, block_kv)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
-      grid=(batch, heads, nq, nk),
-      in_specs=[
-          pl.BlockSpec((None, None, block_q, head_dim), q_map),
-          pl.BlockSpec((None, None, block_kv, head_dim), kv_map),
-          pl.BlockSpec((None, None, block_kv, head_dim), kv_map),
-          pl.BlockSpec((None, block_q, LANES), q_ids_map),
-          pl.BlockSpec((None, block_q, LANES), q_ids_map),
-          pl.BlockSpec((None, SUBLANES, block_kv), kv_ids_map),
-          pl.BlockSpec((None, SUBLANES, block_kv), kv_ids_map),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, None, block_q, head_dim), q_map),
-          pl.BlockSpec((None, None, block_q, LANES), q_map),
-      ],
+      grid=specs.grid,
+      in_specs=specs.inputs,
+      out_specs=[specs.q_block, specs.q_stats],  # o, lse
       scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32),
                       pltpu.VMEM((block_q, LANES), jnp.float32),
                       pltpu.VMEM((block_q, head_dim), jnp.float32)],
   )
-  kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, block_q=block_q,
-                             block_kv=block_kv, num_slots=nk)
+  kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, block_kv=block_kv,
+                             num_slots=seq // block_kv)
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
@@ -187,7 +203,7 @@ def forward(q, k, v, segment_ids, branch_ids, meta: BlockMetadata, *,
 
 def _dq_kernel(blocks_ref, full_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref,
                qbr_ref, kseg_ref, kbr_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               acc_ref, *, sm_scale, block_q, block_kv, num_slots):
+               acc_ref, *, sm_scale, block_kv, num_slots):
   b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(t == 0)
@@ -199,13 +215,7 @@ def _dq_kernel(blocks_ref, full_ref, count_ref, q_ref, k_ref, v_ref, qseg_ref,
     k, v = k_ref[...], v_ref[...]
     s = _dot(q_ref[...], k, NT) * sm_scale
     if masked:
-      shape = (block_q, block_kv)
-      ok = masks.allowed(
-          _widen(qseg_ref[...], block_kv), _widen(qbr_ref[...], block_kv),
-          i * block_q + lax.broadcasted_iota(jnp.int32, shape, 0),
-          kseg_ref[:1, :], kbr_ref[:1, :],
-          j * block_kv + lax.broadcasted_iota(jnp.int32, shape, 1))
-      s = jnp.where(ok, s, -jnp.inf)
+      s = _mask_q_major(s, i, j, qseg_ref, qbr_ref, kseg_ref, kbr_ref)
     p = jnp.exp(s - _widen(lse_ref[...], block_kv))
     dp = _dot(do_ref[...], v, NT)
     ds = p * (dp - _widen(delta_ref[...], block_kv))
@@ -269,26 +279,16 @@ def backward(q, k, v, segment_ids, branch_ids, o, lse, do, meta: BlockMetadata,
   seg_col, br_col = as_columns(segment_ids), as_columns(branch_ids)
   seg_row, br_row = as_rows(segment_ids), as_rows(branch_ids)
   # dq: like the forward, walking the kv lists.
-  q_map, kv_map, q_ids_map, kv_ids_map = _kv_list_maps(groups)
+  specs = _q_walk_specs(q.shape, groups, block_q, block_kv)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, sm_scale=sm_scale, block_q=block_q,
-                        block_kv=block_kv, num_slots=nk),
+      functools.partial(_dq_kernel, sm_scale=sm_scale, block_kv=block_kv,
+                        num_slots=nk),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3,
-          grid=(batch, heads, nq, nk),
-          in_specs=[
-              pl.BlockSpec((None, None, block_q, head_dim), q_map),
-              pl.BlockSpec((None, None, block_kv, head_dim), kv_map),
-              pl.BlockSpec((None, None, block_kv, head_dim), kv_map),
-              pl.BlockSpec((None, block_q, LANES), q_ids_map),
-              pl.BlockSpec((None, block_q, LANES), q_ids_map),
-              pl.BlockSpec((None, SUBLANES, block_kv), kv_ids_map),
-              pl.BlockSpec((None, SUBLANES, block_kv), kv_ids_map),
-              pl.BlockSpec((None, None, block_q, head_dim), q_map),
-              pl.BlockSpec((None, None, block_q, LANES), q_map),
-              pl.BlockSpec((None, None, block_q, LANES), q_map),
-          ],
-          out_specs=pl.BlockSpec((None, None, block_q, head_dim), q_map),
+          grid=specs.grid,
+          # The forward's operands, then do, lse, delta.
+          in_specs=[*specs.inputs, specs.q_block, specs.q_stats, specs.q_stats],
+          out_specs=specs.q_block,
           scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
       ),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
