@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from prefix_dpo import layout as layout_lib
 from prefix_dpo.data import config, packing, pipeline
@@ -88,6 +88,7 @@ def test_every_example_once_whole_and_unmixed(data_file, layout, pack):
 
 @given(st.lists(st.lists(st.integers(2, 100), min_size=1, max_size=3), min_size=1,
                 max_size=30), st.integers(1, 5), st.integers(1, 12))
+@example([[2], [2], [2, 2], [2], [2, 2, 2]], 3, 4)  # ragged: fewer sequences than the group
 def test_row_groups_take_the_oldest_and_never_overflow(lengths, rows, max_examples):
   seq_len, group = 100, max(len(ls) for ls in lengths)
   chosen, placement, free = packing._fill_row_groups(
@@ -98,7 +99,8 @@ def test_row_groups_take_the_oldest_and_never_overflow(lengths, rows, max_exampl
   # Sequence k of each example in row k of its group; build_batch writes it.
   examples = [layout_lib.Example([1], [[2] * (n - 1) for n in lengths[i]]) for i in chosen]
   batch = layout_lib.build_batch(examples, layout='paired', seq_len=seq_len, num_rows=rows,
-                                 max_examples=max_examples, placement=placement)
+                                 max_examples=max_examples, num_responses=group,
+                                 placement=placement)
   rows_of = iter(placement)
   for e, i in enumerate(chosen):
     for k in range(len(lengths[i])):

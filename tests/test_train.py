@@ -41,8 +41,11 @@ def test_sharded_meshes_train_like_one_device(tmp_path):
         if key in e:
           assert g[key] == pytest.approx(e[key], abs=2e-5)
     # Adam divides by sqrt(v): reduction-order noise in a near-zero gradient
-    # entry can move that parameter by a few 1e-5 (the lr is 2e-3).
-    assert_close_trees(params_of(workdir), params_of(base), atol=1e-4)
+    # entry can move that parameter by up to a step (the lr, 2e-3), but only
+    # in a few entries; a sharding bug moves whole tensors.
+    for x, y in zip(jax.tree.leaves(params_of(workdir)), jax.tree.leaves(params_of(base))):
+      off = np.abs(x - y)
+      assert off.max() < 2e-3 and np.mean(off > 1e-5) < 1e-3, (off.max(), np.mean(off > 1e-5))
 
 
 def _free_port():
