@@ -1,7 +1,7 @@
 """Makes the bundled default data set, data/default/{train,eval}.jsonl, from a seed.
 
 python scripts/make_default_dataset.py [--seed 0] [--train 3000] [--eval 300] [--out data/default]
-python scripts/make_default_dataset.py --responses 3 --out /tmp/ranked   # ranked variant
+python scripts/make_default_dataset.py --responses 3 --out runs/ranked   # ranked variant
 
 Synthetic, conversational, multi-turn (TRL conversational format: ``prompt``
 is a message list, ``chosen``/``rejected`` one assistant message each). Early
