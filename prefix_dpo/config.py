@@ -7,8 +7,11 @@ unknown key is an error, and :func:`validate` checks values before any work.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from typing import Any
 
 import ml_collections
+from absl import flags
 
 from prefix_dpo import layout, losses, model as model_lib, optim, reference
 
@@ -91,3 +94,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f'got {c.batch.rows}')
   if not c.model.hf_path:
     model_config(c, vocab_size=max(c.model.vocab_size, 1))  # raises on bad model keys
+
+
+def load_config_flag(value: Any) -> Any:
+  """A config-file flag's value, loaded: a file that fails to load is one line, exit 2.
+
+  ``config_flags`` loads the file lazily, on the first attribute access.
+  """
+  try:
+    value.keys  # pylint: disable=pointless-statement
+  except OSError as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
+  return value
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; a bad config file or override is one clear line, exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    message = str(e).replace('\\n', ' ').replace("\\'", "'")
+    message = ' '.join(message.split()).strip('\'"')
+    if isinstance(e, KeyError):
+      message = f'unknown config key {message!r}'
+    print(f'error: bad flag or config override: {message}', file=sys.stderr)
+    sys.exit(2)

@@ -345,13 +345,8 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError('--config and --workdir are required')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  try:
-    config = _CONFIG.value
-    distributed = config.distributed  # a config file that failed to load raises here
-  except OSError as e:
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(2)
-  initialize_distributed(distributed)
+  config = config_lib.load_config_flag(_CONFIG.value)
+  initialize_distributed(config.distributed)
   try:
     final = train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as e:
@@ -361,18 +356,5 @@ def main(argv: list[str]) -> None:
     print(json.dumps({k: round(v, 6) for k, v in final.items()}, sort_keys=True))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """Parses flags; a bad config file or override is one clear line, exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    message = str(e).replace('\\n', ' ').replace("\\'", "'")
-    message = ' '.join(message.split()).strip('\'"')
-    if isinstance(e, KeyError):
-      message = f'unknown config key {message!r}'
-    print(f'error: bad flag or config override: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)

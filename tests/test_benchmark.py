@@ -182,3 +182,17 @@ def test_cli_prints_a_json_summary_last(tmp_path):
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary['workloads']['hh_rlhf']['unpacked']['ideal'] > 1
   assert json.loads((out / 'results.json').read_text())['summary'] == summary
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config', 'configs/bench/hh_rlhf.py', '--config.nope=1'],
+     'error: bad flag or config override: nope'),
+    (['--config', 'configs/bench/missing.py'], "No such file or directory: 'configs/bench/missing.py'"),
+])
+def test_cli_bad_config_is_one_line(tmp_path, args, message):
+  result = subprocess.run([sys.executable, '-m', 'prefix_dpo.benchmark', *args,
+                           '--out', str(tmp_path / 'out')], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 2
+  assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / 'out').exists()

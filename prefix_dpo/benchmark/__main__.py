@@ -6,6 +6,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from prefix_dpo import config as config_lib
 from prefix_dpo.benchmark import run as run_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark config file.',
@@ -18,9 +19,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or not _OUT.value:
     raise app.UsageError('--config and --out are required')
-  results = run_lib.run(_CONFIG.value, _OUT.value)
+  results = run_lib.run(config_lib.load_config_flag(_CONFIG.value), _OUT.value)
   print(json.dumps(results['summary']))  # the last line: the summary
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)
